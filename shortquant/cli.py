@@ -1,0 +1,190 @@
+"""Command line: thin click glue over the pipeline stages.
+
+Errors from bad input are ``ShortquantError``s: printed as one line, exit code 2. Anything
+else is an internal failure: one line and exit code 1 (``SHORTQUANT_DEBUG=1`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ShortquantError
+
+
+class _Group(click.Group):
+    """Runs every command under one error handler."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ShortquantError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no partial files were left behind", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:  # internal failure: one line unless debugging
+            if os.environ.get("SHORTQUANT_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"internal error: {type(exc).__name__}: {first} "
+                       f"(set SHORTQUANT_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="shortquant")
+def main():
+    """Turn pruned Hugging Face LLaMA-family checkpoints into correct GGUF files.
+
+    \b
+    Quick start (the embedded demo model, no download):
+      shortquant inspect                      # what the tool sees and will do
+      shortquant export --quant q8_0          # writes ./gguf/Shortquant-Demo-...-Q8_0.gguf
+    Your own checkpoint:
+      shortquant export ./st-vicuna-v1.3-5.5b-taylor --quant f16 --quant q8_0 --out ./gguf
+    """
+
+
+def _source_options(f):
+    """Options shared by inspect and export: how to read the source."""
+    options = [
+        click.argument("source", required=False),
+        click.option("--recipe", metavar="NAME",
+                     help="Known release to take provenance, license and chat template from "
+                          "(see `shortquant recipes`)."),
+        click.option("--source-blocks", metavar="LIST",
+                     help="Original block index of each stored block, e.g. '0-23,30,31' "
+                          "(recorded in the GGUF as provenance)."),
+        click.option("--chat-template", metavar="NAME",
+                     help="Built-in chat template when the checkpoint has none (vicuna, llama-2, none)."),
+        click.option("--name", metavar="TEXT", help="Model name to use instead of the folder name."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
+    from .export import ExportOptions, resolve_source
+    from .layers import parse_block_list
+    from .recipes import load_recipe
+
+    path, implied_recipe = resolve_source(source)
+    recipe_name = recipe or implied_recipe
+    blocks = None
+    if source_blocks:
+        try:
+            blocks = parse_block_list(source_blocks)
+        except ValueError:
+            raise click.BadParameter(f"{source_blocks!r} is not a list like '0-23,30,31'",
+                                     param_hint="--source-blocks") from None
+    return path, ExportOptions(recipe=load_recipe(recipe_name) if recipe_name else None,
+                               source_blocks=blocks, chat_template=chat_template, name=name, **extra)
+
+
+@main.command()
+@_source_options
+@click.option("--quant", "quants", multiple=True, default=("f16",), show_default=True, metavar="TYPE",
+              help="Show the tensor types for this output type (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json):
+    """Show what shortquant sees in SOURCE and what it will write. Reads no weights.
+
+    SOURCE is a Hugging Face checkpoint folder; without it, the embedded demo model.
+
+    \b
+    Examples:
+      shortquant inspect ./st-vicuna-v1.3-5.5b-taylor
+      shortquant inspect ./my-sleb-model --source-blocks 0-9,11-31 --quant q4_k_m
+    """
+    from .export import make_model_plan, plan_files
+    from .plan import describe, plan_as_dict
+    from .source.checkpoint import open_checkpoint
+
+    path, options = _options_from(source, recipe, source_blocks, chat_template, name,
+                                  quants=tuple(quants), out_dir=Path("."))
+    plan = make_model_plan(open_checkpoint(path), options)
+    files = plan_files(plan, options)
+    if as_json:
+        click.echo(json.dumps(plan_as_dict(plan, files), indent=2))
+    else:
+        click.echo(describe(plan, files))
+
+
+@main.command()
+@_source_options
+@click.option("--quant", "-q", "quants", multiple=True, default=("f16",), show_default=True, metavar="TYPE",
+              help="Output type, llama.cpp's names (f16, q8_0, q4_k_m, ...). Repeat for a ladder; "
+                   "the source is read once.")
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("gguf"),
+              show_default=True, help="Folder for the GGUF files.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
+@click.option("--allow-nonfinite", is_flag=True, help="Export even if a weight holds NaN or Inf.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, threads, allow_nonfinite,
+           quiet, as_json):
+    """Convert SOURCE into GGUF files, one per --quant.
+
+    SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
+    without it, the embedded demo model. Blocks are read from the tensor names, so pruned
+    checkpoints with gaps or a stale num_hidden_layers convert correctly. Files are written
+    under a temporary name and renamed when complete.
+
+    \b
+    Examples:
+      shortquant export --quant q8_0
+      shortquant export ./st-vicuna-v1.3-5.5b-taylor --quant f16 --out ./gguf
+      shortquant export ./model --quant q8_0 --quant q4_k_m --recipe st-vicuna-v1.3-5.5b-taylor
+    """
+    from .export import export as run_export
+
+    path, options = _options_from(source, recipe, source_blocks, chat_template, name, quants=tuple(quants),
+                                  out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
+                                  quiet=quiet or as_json)
+    report = run_export(path, options)
+    for warning in report.plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps({
+            "source": str(path), "seconds": round(report.seconds, 3),
+            "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.bytes, "n_params": f.n_params,
+                       "bpw": round(f.bpw, 4)} for f in report.files],
+            "failed": report.failed}, indent=2))
+    elif not quiet:
+        for f in report.files:
+            click.echo(f"{f.path}  {f.type_label:<8} {f.bytes / 1e6:9.1f} MB  {f.bpw:5.2f} bpw")
+        click.echo(f"done in {report.seconds:.1f} s")
+    for quant, reason in report.failed.items():
+        click.echo(f"error: {quant} failed: {reason}", err=True)
+    if report.failed:
+        sys.exit(2)
+
+
+@main.command()
+def recipes():
+    """List the known pruned releases (use with --recipe)."""
+    from .recipes import list_recipes
+
+    for r in list_recipes():
+        removed = ",".join(map(str, r.removed_blocks))
+        click.echo(f"{r.name:<32} {r.hub_id or '-':<40} removed blocks {removed}")
+
+
+# Commands of the other stages register here.
+def _register_stage_commands() -> None:
+    pass
+
+
+_register_stage_commands()

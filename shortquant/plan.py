@@ -1,0 +1,178 @@
+"""The plan: every decision about a GGUF file, made before any weight is read.
+
+A ``ModelPlan`` says what the model becomes (architecture, metadata, block map, tokenizer and,
+for every tensor, its GGUF name, source and transform). A ``FilePlan`` adds one output type:
+the tensor types and the file name. Both are plain values: ``shortquant inspect`` prints them,
+tests check them, and the stream/writer stages only carry them out.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from .layers import BlockMap
+
+
+class Transform(enum.Enum):
+    """What happens to a source tensor on its way to the file."""
+
+    NONE = "none"
+    PERMUTE_Q = "permute_q"   # rotary rows: HF (half-split) -> llama.cpp (interleaved), by n_head
+    PERMUTE_K = "permute_k"   # same, by n_head_kv
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str                       # GGUF tensor name, e.g. "blk.0.attn_q.weight"
+    source: str                     # source tensor name
+    shape: tuple[int, ...]          # numpy/torch shape as written: (rows, cols)
+    kind: gguf.MODEL_TENSOR         # what the tensor is, for shape checks and type rules
+    transform: Transform = Transform.NONE
+    heads: int | None = None        # head count used by the permutation
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class MetaItem:
+    key: str
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class Naming:
+    name: str                       # general.name
+    basename: str
+    size_label: str                 # from the parameters actually written
+    finetune: str | None = None
+    version: str | None = None
+
+    def file_name(self, type_label: str) -> str:
+        """``<BaseName>-<SizeLabel>-<FineTune>-<Version>-<Type>.gguf``"""
+        return gguf.utility.naming_convention(None, self.basename, self.finetune, self.version,
+                                              self.size_label, type_label) + ".gguf"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    source: Path
+    converter: str
+    arch: str
+    naming: Naming
+    block_map: BlockMap
+    hparams: dict[str, Any]         # n_layer, n_head, n_head_kv, ... (for type choice and display)
+    metadata: tuple[MetaItem, ...]  # everything but tokenizer and file type
+    tensors: tuple[TensorPlan, ...]
+    tokenizer: Any | None = None    # shortquant.tokenizer.TokenizerSpec
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    quant: str                      # user-facing type name, e.g. "q4_k_m"
+    type_label: str                 # for the file name, e.g. "Q4_K_M"
+    file_type: gguf.LlamaFileType
+    tensor_types: dict[str, GGMLQuantizationType] = field(hash=False)
+    path: Path
+
+    def tensor_nbytes(self, tensor: TensorPlan) -> int:
+        qtype = self.tensor_types[tensor.name]
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        return tensor.n_elements // block * type_size
+
+    def total_bytes(self, plan: ModelPlan) -> int:
+        return sum(self.tensor_nbytes(t) for t in plan.tensors)
+
+
+def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
+    """A human-readable account of every decision, as ``shortquant inspect`` prints it."""
+    lines = [
+        f"source:     {plan.source}",
+        f"converter:  {plan.converter}",
+        f"arch:       {plan.arch}",
+        f"name:       {plan.naming.name}  (basename {plan.naming.basename}, size {plan.naming.size_label}"
+        + (f", finetune {plan.naming.finetune}" if plan.naming.finetune else "")
+        + (f", version {plan.naming.version}" if plan.naming.version else "") + ")",
+        f"parameters: {plan.n_params:,}",
+        "hparams:    " + ", ".join(f"{k}={v}" for k, v in plan.hparams.items()),
+        plan.block_map.describe(),
+    ]
+    if plan.tokenizer is not None:
+        tok = plan.tokenizer
+        lines.append(f"tokenizer:  {len(tok.tokens)} tokens, bos={tok.bos_id} eos={tok.eos_id} "
+                     f"unk={tok.unk_id} pad={tok.pad_id}, chat template: "
+                     f"{'yes' if tok.chat_template else 'none'}")
+    lines.append("metadata:")
+    for item in plan.metadata:
+        value = item.value
+        if isinstance(value, (list, tuple)) and len(value) > 12:
+            value = f"[{', '.join(map(str, value[:12]))}, ...] ({len(value)} items)"
+        lines.append(f"  {item.key} = {value}")
+    header = f"  {'tensor':<28} {'shape':<14} {'transform':<10} source"
+    type_cols = "".join(f" {f.type_label:>8}" for f in files)
+    lines.append("tensors:")
+    lines.append(header + type_cols)
+    for t in plan.tensors:
+        types = "".join(f" {f.tensor_types[t.name].name:>8}" for f in files)
+        shape = "x".join(map(str, t.shape))
+        lines.append(f"  {t.name:<28} {shape:<14} {t.transform.value:<10} {t.source}{types}")
+    for f in files:
+        lines.append(f"file: {f.path}  ({f.total_bytes(plan) / 1e6:.1f} MB of tensor data)")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix: bool = False) -> FilePlan:
+    """Choose every tensor's type for one output type and name the file.
+
+    >>> fp = plan_file(plan, "q4_k_m", Path("gguf"))   # doctest: +SKIP
+    >>> fp.path.name
+    'St-Vicuna-v1.3-5.5B-taylor-Q4_K_M.gguf'
+    """
+    from .quant.mixes import choose_types
+    from .quant.types import parse_quant
+
+    spec = quant if not isinstance(quant, str) else parse_quant(quant)
+    hp = plan.hparams
+    types = choose_types([(t.name, t.shape) for t in plan.tensors], quant=spec, n_layer=hp["n_layer"],
+                         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], overrides=overrides,
+                         has_imatrix=has_imatrix, arch=plan.arch)
+    return FilePlan(quant=spec.name, type_label=spec.label, file_type=spec.file_type, tensor_types=types,
+                    path=Path(out_dir) / plan.naming.file_name(spec.label))
+
+
+def plan_as_dict(plan: ModelPlan, files: list[FilePlan] = ()) -> dict[str, Any]:
+    """The plan as JSON-ready data (``shortquant inspect --json``)."""
+    bm = plan.block_map
+    return {
+        "source": str(plan.source), "converter": plan.converter, "arch": plan.arch,
+        "name": plan.naming.name, "basename": plan.naming.basename, "size_label": plan.naming.size_label,
+        "finetune": plan.naming.finetune, "version": plan.naming.version, "n_params": plan.n_params,
+        "hparams": plan.hparams,
+        "blocks": {"stored": list(bm.stored), "original": list(bm.original) if bm.original else None,
+                   "source_block_count": bm.source_block_count, "removed": list(bm.removed) if bm.removed
+                   is not None else None, "provenance": bm.provenance},
+        "metadata": {m.key: m.value for m in plan.metadata},
+        "tensors": [{"name": t.name, "source": t.source, "shape": list(t.shape), "transform": t.transform.value,
+                     "types": {f.quant: f.tensor_types[t.name].name for f in files}} for t in plan.tensors],
+        "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.total_bytes(plan)} for f in files],
+        "warnings": list(plan.warnings),
+    }

@@ -1,0 +1,96 @@
+"""Memory-mapped reading of one .safetensors file, with its header checked up front.
+
+We parse the header ourselves (8-byte little-endian length, then JSON) so that a corrupt or
+truncated file is reported as such before any weight is read, and so tensors can be read as
+numpy views of a memory map without materialising the file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SourceError
+from .tensor_ref import TensorRef
+
+# safetensors dtype -> (numpy dtype used to view the bytes, bytes per element)
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # viewed as raw 16-bit words, widened to f32 on read
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
+    """Every tensor in ``path`` as a lazy ``TensorRef``; raises SourceError on a bad file.
+
+    >>> refs = read_safetensors_index(Path("model.safetensors"))  # doctest: +SKIP
+    >>> refs["model.norm.weight"].shape
+    (4096,)
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SourceError("truncated safetensors file (no header)", path)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise SourceError(f"corrupt safetensors header (claims {header_len} bytes)", path)
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"corrupt safetensors header ({exc})", path) from None
+
+    data_start = 8 + header_len
+    refs: dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"corrupt safetensors header entry for {name!r}", path) from None
+        if dtype_name not in _DTYPES:
+            raise SourceError(f"tensor {name!r} has unsupported dtype {dtype_name}", path)
+        dtype = _DTYPES[dtype_name]
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+            raise SourceError(f"corrupt safetensors header: size of {name!r} does not match its shape", path)
+        if data_start + end > size:
+            raise SourceError(
+                f"truncated safetensors file: {name!r} ends at byte {data_start + end}, file has {size}", path)
+        refs[name] = TensorRef(name=name, shape=shape, dtype=dtype_name, path=path,
+                               reader=_MemmapReader(path, data_start + begin, dtype, shape))
+    return refs
+
+
+class _MemmapReader:
+    """Reads one tensor's bytes from a memory map, widening to float32."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+
+    def __call__(self) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        raw = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(count,))
+        if self.dtype == np.dtype("<u2"):  # bf16: the top half of an f32
+            out = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = raw.astype(np.float32)
+        del raw
+        return out.reshape(self.shape)

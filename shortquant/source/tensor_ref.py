@@ -1,0 +1,26 @@
+"""A lazy handle to one source tensor: what it is and how to read it, nothing loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str                      # source dtype name, e.g. "BF16", "F16", "F32"
+    path: Path                      # file holding the bytes
+    reader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    def load(self) -> np.ndarray:
+        """The tensor as a float32 numpy array (a fresh copy)."""
+        return self.reader()
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))

@@ -1,0 +1,29 @@
+"""Tensor transforms between Hugging Face and llama.cpp layouts (each rule lives here once)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .plan import TensorPlan, Transform
+
+
+def permute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder Q/K rows from HF's rotary layout to llama.cpp's.
+
+    HF's LLaMA rotates the two halves of each head (``rotate_half``); llama.cpp's rope pairs
+    neighbouring rows. Within each head, row ``i`` of the first half and row ``i`` of the second
+    half become rows ``2i`` and ``2i+1``. For K the head count is the KV-head count (GQA).
+    """
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    return (weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def apply_transform(tensor: TensorPlan, data: np.ndarray) -> np.ndarray:
+    if tensor.transform is Transform.NONE:
+        return data
+    if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
+        return np.ascontiguousarray(permute_rotary(data, tensor.heads))
+    raise ValueError(f"unknown transform {tensor.transform}")
