@@ -182,9 +182,12 @@ def recipes():
         click.echo(f"{r.name:<32} {r.hub_id or '-':<40} removed blocks {removed}")
 
 
-# Commands of the other stages register here.
+# Commands of the later stages live beside their code; they register here.
 def _register_stage_commands() -> None:
-    pass
+    from .publish.commands import card_command, publish_command, split_command
+
+    for command in (card_command, split_command, publish_command):
+        main.add_command(command)
 
 
 _register_stage_commands()

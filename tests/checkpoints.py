@@ -70,13 +70,33 @@ def build_model(spec: TinySpec):
 def save_model(model, folder: Path, *, safe: bool = True, max_shard_size: str | None = None,
                tokenizer_model: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    kwargs = {"safe_serialization": safe}
+    kwargs = {}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(folder, **kwargs)
+    if not safe:
+        safetensors_to_bin(folder)
     if tokenizer_model is not None:
         shutil.copy(tokenizer_model, folder / "tokenizer.model")
     return folder
+
+
+def safetensors_to_bin(folder: Path) -> None:
+    """Rewrite a saved checkpoint as PyTorch .bin files (transformers 5 only saves safetensors)."""
+    from safetensors.torch import load_file
+
+    def bin_name(name: str) -> str:
+        return "pytorch_" + name.replace(".safetensors", ".bin")
+
+    for path in sorted(folder.glob("*.safetensors")):
+        torch.save(load_file(str(path)), folder / bin_name(path.name))
+        path.unlink()
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: bin_name(v) for k, v in data["weight_map"].items()}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(data, indent=2))
+        index.unlink()
 
 
 def weight_files(folder: Path) -> list[Path]:

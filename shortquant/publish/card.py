@@ -1,0 +1,545 @@
+"""The model card (README.md) for a folder of exported GGUF files.
+
+Everything on the card comes from the files themselves (their GGUF metadata, sizes and
+sha256 sums), from the recipe of the release when there is one, and from the verify stage's
+``results.json`` when it exists. The card starts with YAML front matter the hub understands
+(base model and relation, license, tags, ...), so the repo is linked to its base model and
+shows up under its quantizations.
+
+    >>> from shortquant.publish.card import write_card
+    >>> write_card("out/st-vicuna", recipe="st-vicuna-v1.3-5.5b-taylor")   # doctest: +SKIP
+    PosixPath('out/st-vicuna/README.md')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from shortquant import keys
+from shortquant.errors import PublishError
+from shortquant.publish.modelfile import modelfile_name, template_family
+from shortquant.publish.split import parse_split_name, split_parts
+from shortquant.recipes import Recipe, RecipeError, load_recipe
+
+DEFAULT_QUANTIZED_BY = "shortquant"
+HUB = "https://huggingface.co"
+
+# What each type is good for, shown when nothing was measured (and next to measurements).
+TYPE_NOTES = {
+    "F32": "full precision; reference",
+    "F16": "16-bit; reference quality",
+    "BF16": "16-bit; reference quality",
+    "Q8_0": "near-lossless",
+    "Q6_K": "very close to 16-bit",
+    "Q5_K_M": "high quality",
+    "Q5_K_S": "high quality, a little smaller",
+    "Q5_0": "legacy 5-bit",
+    "Q5_1": "legacy 5-bit",
+    "Q4_K_M": "good balance of size and quality",
+    "Q4_K_S": "smaller 4-bit, slightly lower quality",
+    "Q4_0": "legacy 4-bit; fast on some CPUs",
+    "Q4_1": "legacy 4-bit",
+    "IQ4_NL": "4-bit non-linear",
+    "IQ4_XS": "compact 4-bit",
+    "Q3_K_L": "small; noticeable quality loss",
+    "Q3_K_M": "small; noticeable quality loss",
+    "Q3_K_S": "very small; clear quality loss",
+    "Q2_K": "smallest; large quality loss",
+}
+RECOMMENDED_TYPE = "Q4_K_M"
+# With measurements, the recommended file is the smallest whose top-1 token agrees with the
+# reference at least this often.
+RECOMMEND_MIN_TOP1 = 0.90
+
+
+@dataclass
+class GGUFFile:
+    """One model in the folder: a single GGUF file or a split set (``parts``)."""
+
+    parts: list[Path]
+    metadata: dict
+    n_params: int
+    tensor_bytes: int
+    type: str
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.parts[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def bpw(self) -> float:
+        return self.tensor_bytes * 8 / self.n_params if self.n_params else 0.0
+
+    @property
+    def is_split(self) -> bool:
+        return len(self.parts) > 1
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Metadata, parameter count and type of one GGUF (for a split set, pass its first part).
+
+    >>> read_gguf("out/m-Q8_0.gguf").type       # doctest: +SKIP
+    'Q8_0'
+    """
+    path = Path(path)
+    parts = split_parts(path)
+    metadata: dict = {}
+    n_params = tensor_bytes = 0
+    type_counts: dict[str, int] = {}
+    for index, part in enumerate(parts):
+        if not part.is_file():
+            raise PublishError(f"split part missing: {part.name}", part.parent)
+        try:
+            reader = gguf.GGUFReader(part)
+        except Exception as exc:
+            raise PublishError(f"not a readable GGUF file ({exc})", part) from None
+        if index == 0:
+            metadata = {name: f.contents() for name, f in reader.fields.items()
+                        if not name.startswith("GGUF.")}
+        for tensor in reader.tensors:
+            n_params += int(tensor.n_elements)
+            tensor_bytes += int(tensor.n_bytes)
+            if len(tensor.shape) >= 2:
+                type_counts[tensor.tensor_type.name] = type_counts.get(tensor.tensor_type.name, 0) + 1
+    file_type = metadata.get(gguf.Keys.General.FILE_TYPE)
+    if file_type is not None:
+        try:
+            type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            type_name = str(file_type)
+    else:
+        type_name = max(type_counts, key=type_counts.get) if type_counts else "?"
+    return GGUFFile(parts=parts, metadata=metadata, n_params=n_params, tensor_bytes=tensor_bytes,
+                    type=type_name, sizes=[p.stat().st_size for p in parts])
+
+
+def find_models(outdir: str | Path) -> list[GGUFFile]:
+    """Every model in ``outdir``: single files and split sets (by their first part), by size."""
+    outdir = Path(outdir)
+    firsts = []
+    for path in sorted(outdir.glob("*.gguf")):
+        parsed = parse_split_name(path)
+        if parsed is None or parsed[1] == 0:
+            firsts.append(path)
+    models = [read_gguf(p) for p in firsts]
+    return sorted(models, key=lambda m: (-m.bytes, m.name))
+
+
+def sha256_file(path: str | Path, progress=None) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks (``progress`` is a tqdm bar or None)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 1024 * 1024):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def human_size(n: int) -> str:
+    """Decimal units, as the hub shows them.
+
+    >>> human_size(4_081_004_224)
+    '4.08 GB'
+    """
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _ranges(indices) -> str:
+    """'0-23, 30-31' for [0..23, 30, 31]."""
+    indices = sorted(indices)
+    out, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            out.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(out)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _hub_link(repo_id: str) -> str:
+    return f"[{repo_id}]({HUB}/{repo_id})"
+
+
+def _base_model_from_gguf(model: GGUFFile) -> str | None:
+    url = model.get(gguf.Keys.General.BASE_MODEL_REPO_URL.format(id=0))
+    if url and str(url).startswith(HUB + "/"):
+        return str(url)[len(HUB) + 1:].strip("/")
+    org = model.get(gguf.Keys.General.BASE_MODEL_ORGANIZATION.format(id=0))
+    name = model.get(gguf.Keys.General.BASE_MODEL_NAME.format(id=0))
+    return f"{org}/{name}" if org and name else None
+
+
+def _resolve_recipe(recipe, models: list[GGUFFile]) -> Recipe | None:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe:
+        return load_recipe(recipe)
+    named = {m.get(keys.RECIPE) for m in models} - {None, ""}
+    if len(named) == 1:
+        try:
+            return load_recipe(named.pop())
+        except RecipeError:
+            return None
+    return None
+
+
+def _resolve_results(results, outdir: Path) -> dict | None:
+    from shortquant.evaluate.results import read_results
+
+    if isinstance(results, dict):
+        return results
+    if results is None:
+        default = outdir / "results.json"
+        return read_results(default) if default.is_file() else None
+    return read_results(results)
+
+
+def _results_by_file(results: dict | None, models: list[GGUFFile]) -> dict[str, dict]:
+    """results.json entries keyed by model name (first part for split sets)."""
+    if not results:
+        return {}
+    entries = {Path(e["file"]).name: e for e in results.get("files", [])}
+    out = {}
+    for model in models:
+        candidates = [model.name]
+        parsed = parse_split_name(model.path)
+        if parsed:
+            candidates.append(parsed[0] + ".gguf")
+        for name in candidates:
+            if name in entries:
+                out[model.name] = entries[name]
+                break
+    return out
+
+
+def _recommended(models: list[GGUFFile], measured: dict[str, dict]) -> str | None:
+    agreeing = [m for m in models
+                if (measured.get(m.name) or {}).get("kld")
+                and measured[m.name]["kld"].get("same_top1", 0) >= RECOMMEND_MIN_TOP1]
+    if agreeing:
+        return min(agreeing, key=lambda m: m.bytes).name
+    for model in models:
+        if model.type == RECOMMENDED_TYPE:
+            return model.name
+    return None
+
+
+def card_metadata(models: list[GGUFFile], recipe: Recipe | None, quantized_by: str) -> dict:
+    """The YAML front matter as a dict (keys the hub reads)."""
+    first = models[0] if models else None
+    base_model = None
+    if recipe is not None:
+        base_model = recipe.hub_id or recipe.base_model
+    elif first is not None:
+        base_model = _base_model_from_gguf(first)
+    license_id = recipe.license if recipe else (first.get(gguf.Keys.General.LICENSE) if first else None)
+    license_name = recipe.license_name if recipe else (first.get(gguf.Keys.General.LICENSE_NAME) if first else None)
+    license_link = recipe.license_link if recipe else (first.get(gguf.Keys.General.LICENSE_LINK) if first else None)
+    method = recipe.pruning.method if recipe else (first.get(keys.PRUNING_METHOD) if first else None)
+
+    tags = ["gguf", "llama.cpp", "quantized"]
+    if first is not None and first.get(gguf.Keys.General.ARCHITECTURE):
+        tags.append(str(first.get(gguf.Keys.General.ARCHITECTURE)))
+    if method or (first is not None and first.get(keys.SOURCE_BLOCKS) is not None):
+        tags += ["pruned", "depth-pruning"]
+    if method:
+        tags.append(_slug(method))
+    tags.append("shortquant")
+
+    meta: dict = {}
+    if base_model:
+        meta["base_model"] = base_model
+        meta["base_model_relation"] = "quantized"
+    meta["quantized_by"] = quantized_by
+    if license_id:
+        meta["license"] = license_id
+        if license_id == "other":
+            if license_name:
+                meta["license_name"] = _slug(license_name)
+            if license_link:
+                meta["license_link"] = license_link
+    if recipe is not None and recipe.language:
+        meta["language"] = list(recipe.language)
+    meta["tags"] = list(dict.fromkeys(tags))
+    meta["pipeline_tag"] = "text-generation"
+    return meta
+
+
+def _front_matter(meta: dict) -> str:
+    from huggingface_hub import ModelCardData
+
+    return "---\n" + ModelCardData(**meta).to_yaml() + "\n---\n"
+
+
+def _render_prompt_example(chat_template: str) -> str | None:
+    """The chat template applied to one user turn, as a user would type it."""
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(chat_template).render(
+            messages=[{"role": "user", "content": "{prompt}"}],
+            add_generation_prompt=True, bos_token="", eos_token="</s>")
+    except Exception:   # an exotic template: the card shows the raw Jinja instead
+        return None
+
+
+def _is_non_commercial(recipe: Recipe | None, meta: dict) -> bool:
+    text = " ".join(filter(None, [meta.get("license_name"), recipe.license_name if recipe else None,
+                                  recipe.notes if recipe else None])).lower()
+    return "non-commercial" in text or "noncommercial" in text
+
+
+def _what_section(models, recipe, meta) -> list[str]:
+    first = models[0]
+    title = first.get(gguf.Keys.General.NAME) or (recipe.name if recipe else first.name)
+    lines = [f"# {title} — GGUF", ""]
+    source_blocks = first.get(keys.SOURCE_BLOCKS)
+    source_count = first.get(keys.SOURCE_BLOCK_COUNT)
+    if recipe is not None:
+        pruned = _hub_link(recipe.hub_id) if recipe.hub_id else f"`{recipe.name}`"
+        base = _hub_link(recipe.base_model)
+        described = f" ({recipe.base_model_description})" if recipe.base_model_description else ""
+        lines.append(f"GGUF files of {pruned}, a depth-pruned model made from {base}{described}, "
+                     f"converted and quantized with shortquant for llama.cpp and compatible runtimes.")
+        method = recipe.pruning.method
+        removed = list(recipe.removed_blocks)
+        count = recipe.pruning.source_block_count
+    else:
+        lines.append("GGUF files converted and quantized with shortquant for llama.cpp and compatible runtimes.")
+        method = first.get(keys.PRUNING_METHOD)
+        count = int(source_count) if source_count is not None else None
+        removed = (sorted(set(range(count)) - {int(i) for i in source_blocks})
+                   if source_blocks is not None and count is not None else [])
+    lines.append("")
+    if removed and count:
+        kept = count - len(removed)
+        lines += ["## Pruning", "",
+                  f"- Method: {method or 'block (depth) pruning'}",
+                  f"- Blocks: {kept} of the original {count} Transformer blocks are kept.",
+                  f"- Removed blocks (0-based indices in the original model): {_ranges(removed)}",
+                  f"- Kept blocks: {_ranges(sorted(set(range(count)) - set(removed)))}, "
+                  f"which become `blk.0`-`blk.{kept - 1}`; every file records the original index of "
+                  f"each block in `{keys.SOURCE_BLOCKS}`."]
+        if recipe is not None and recipe.pruning.ratio:
+            lines.append(f"- Pruning ratio (as published): {recipe.pruning.ratio:.0%}")
+        if recipe is not None and recipe.source:
+            lines.append(f"- Source of the removed-block list: <{recipe.source}>")
+        lines.append("")
+    if meta.get("license"):
+        lines += ["## License", ""]
+        if meta["license"] == "other":
+            link = meta.get("license_link")
+            name = (recipe.license_name if recipe else None) or meta.get("license_name") or "custom license"
+            lines.append(f"License: [{name}]({link})." if link else f"License: {name}.")
+        else:
+            lines.append(f"License: `{meta['license']}`.")
+        if _is_non_commercial(recipe, meta):
+            lines += ["", "**Non-commercial use only.** The pruned model and its base model may be used "
+                      "for research and non-commercial purposes only; these quantized files carry the "
+                      "same restrictions."]
+        lines.append("")
+    if recipe is not None and recipe.notes:
+        lines += ["## Notes", "", recipe.notes, ""]
+    if recipe is not None and recipe.evaluation:
+        lines += ["## Published evaluation of the unquantized model", "",
+                  "| Metric | Dataset | Value | Source |", "| --- | --- | --- | --- |"]
+        lines += [f"| {e.metric} | {e.dataset} | {e.value:g} | {e.source} |" for e in recipe.evaluation]
+        lines.append("")
+    return lines
+
+
+def _files_section(models, measured, recommended, results) -> list[str]:
+    has_ppl = any(e.get("ppl") is not None for e in measured.values())
+    has_kld = any(e.get("kld") for e in measured.values())
+    header = ["File", "Type", "Size", "Bits/weight"]
+    if has_ppl:
+        header.append("PPL")
+    if has_kld:
+        header += ["KLD", "Same top-1"]
+    header.append("Use")
+    lines = ["## Files", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for model in models:
+        entry = measured.get(model.name, {})
+        shown = model.name if not model.is_split else f"{model.name} (+{len(model.parts) - 1} parts)"
+        row = [f"[{shown}](./{model.name})", model.type, human_size(model.bytes), f"{model.bpw:.2f}"]
+        if has_ppl:
+            row.append(f"{entry['ppl']:.4f} ± {entry.get('ppl_err') or 0:.4f}"
+                       if entry.get("ppl") is not None else "-")
+        if has_kld:
+            kld = entry.get("kld")
+            row += [f"{kld['mean']:.4f}", f"{100 * kld['same_top1']:.1f} %"] if kld else ["-", "-"]
+        note = TYPE_NOTES.get(model.type, "")
+        if model.name == recommended:
+            note = f"**recommended**; {note}" if note else "**recommended**"
+        row.append(note)
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if results:
+        settings = results.get("settings") or {}
+        hardware = results.get("hardware") or {}
+        text = (settings.get("text") or {}) if isinstance(settings.get("text"), dict) else {}
+        facts = []
+        if settings.get("ctx"):
+            facts.append(f"context {settings['ctx']}")
+        if settings.get("chunks"):
+            facts.append(f"{settings['chunks']} chunks")
+        if text.get("path"):
+            facts.append(f"text `{Path(str(text['path'])).name}`")
+        if settings.get("base"):
+            facts.append(f"KLD against `{Path(str(settings['base'])).name}`")
+        lines.append("PPL: perplexity with llama.cpp's algorithm; KLD: mean KL divergence of the "
+                     "token distributions from the reference; same top-1: how often the most likely "
+                     "token matches the reference" + (f" ({', '.join(facts)})." if facts else "."))
+        if hardware.get("cpu") or hardware.get("gpu"):
+            lines.append(f"Measured on {hardware.get('gpu') or hardware.get('cpu')}"
+                         + (f" with llama-cpp-python {hardware['llama_cpp_version']}."
+                            if hardware.get("llama_cpp_version") else "."))
+        lines.append("")
+    if any(m.is_split for m in models):
+        lines += ["### Split files", "",
+                  "Files marked \"+N parts\" are split in llama.cpp's format "
+                  "(`-00001-of-0000N.gguf`). llama.cpp and llama-cpp-python load them directly: "
+                  "download every part into one folder and point them at the first part. "
+                  "ollama and other runtimes that read a single GGUF cannot load split files; merge "
+                  "them first with `llama-gguf-split --merge <first part> merged.gguf`.", ""]
+    return lines
+
+
+def _prompt_section(models) -> list[str]:
+    template = models[0].get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    lines = ["## Prompt template", ""]
+    if not template:
+        lines += ["None: this is a base (non-chat) model. Give it plain text to continue.", ""]
+        return lines
+    example = _render_prompt_example(str(template))
+    family = template_family(str(template))
+    if family:
+        lines.append(f"The files carry the {family} chat template in `tokenizer.chat_template`; "
+                     "chat front ends apply it for you. One user turn looks like this:")
+    else:
+        lines.append("The files carry a chat template in `tokenizer.chat_template`; "
+                     "chat front ends apply it for you.")
+    lines.append("")
+    if example is not None:
+        lines += ["```text", example, "```", ""]
+    else:
+        lines += ["```jinja", str(template), "```", ""]
+    return lines
+
+
+def _run_section(models, recommended, repo: str | None) -> list[str]:
+    pick = next((m for m in models if m.name == recommended), models[-1])
+    repo_id = repo or "<user>/<repo>"
+    chat = bool(pick.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE))
+    lines = ["## How to run", "", "### llama.cpp", "", "```sh"]
+    if chat:
+        lines.append(f"llama-cli -m {pick.name} -cnv          # chat, using the built-in template")
+    else:
+        lines.append(f"llama-cli -m {pick.name} -p \"Once upon a time\" -n 128")
+    lines += [f"llama-server -m {pick.name} --port 8080", "```", "",
+              "### llama-cpp-python", "", "```python", "from llama_cpp import Llama", ""]
+    extra = ""
+    if pick.is_split:
+        extra = ", additional_files=[" + ", ".join(f'"{p.name}"' for p in pick.parts[1:]) + "]"
+    lines.append(f'llm = Llama.from_pretrained(repo_id="{repo_id}", filename="{pick.name}"{extra})')
+    lines.append(f'# or, from a local file: llm = Llama(model_path="{pick.name}")')
+    if chat:
+        lines.append('out = llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}])')
+        lines.append('print(out["choices"][0]["message"]["content"])')
+    else:
+        lines.append('print(llm("Once upon a time", max_tokens=64)["choices"][0]["text"])')
+    lines += ["```", "", "### ollama", ""]
+    if pick.is_split:
+        lines += ["ollama cannot load split files; merge them first (see above).", ""]
+    lines += ["```sh", f"ollama run hf.co/{repo_id}:{pick.type}",
+              f"# or, from a local download: ollama create my-model -f {modelfile_name(pick.name)}",
+              "```", ""]
+    return lines
+
+
+def _checksum_section(models, progress: bool) -> list[str]:
+    from tqdm import tqdm
+
+    paths = [p for m in models for p in m.parts]
+    lines = ["## Checksums", "", "| File | Bytes | SHA-256 |", "| --- | --- | --- |"]
+    with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+              desc="sha256", disable=not progress) as bar:
+        for path in paths:
+            lines.append(f"| {path.name} | {path.stat().st_size} | `{sha256_file(path, bar)}` |")
+    lines.append("")
+    return lines
+
+
+def write_card(outdir: str | Path, recipe: Recipe | str | None = None, results: dict | str | Path | None = None,
+               quantized_by: str = DEFAULT_QUANTIZED_BY, plot: str | Path | None = None, *,
+               repo: str | None = None, progress: bool = True) -> Path:
+    """Write ``outdir/README.md`` for the GGUF files in ``outdir`` and return its path.
+
+    ``recipe`` is a :class:`Recipe` or a name/hub id (default: the ``shortquant.recipe`` the
+    files record); ``results`` a results.json path or its decoded dict (default:
+    ``outdir/results.json`` when present); ``plot`` an image to show (copied into ``outdir``);
+    ``repo`` the hub repo the card will live in, for the run snippets.
+
+        >>> write_card("out/st-vicuna", recipe="st-vicuna-v1.3-5.5b-taylor", repo="me/st-vicuna-GGUF")  # doctest: +SKIP
+    """
+    outdir = Path(outdir)
+    if not outdir.is_dir():
+        raise PublishError("not a folder", outdir)
+    models = find_models(outdir)
+    if not models:
+        raise PublishError("no .gguf files to describe", outdir)
+    recipe = _resolve_recipe(recipe, models)
+    results = _resolve_results(results, outdir)
+    measured = _results_by_file(results, models)
+    recommended = _recommended(models, measured)
+    meta = card_metadata(models, recipe, quantized_by)
+
+    body = _what_section(models, recipe, meta)
+    body += _files_section(models, measured, recommended, results)
+    if plot is not None:
+        plot = Path(plot)
+        if not plot.is_file():
+            raise PublishError("plot image not found", plot)
+        if plot.resolve().parent != outdir.resolve():
+            shutil.copy2(plot, outdir / plot.name)
+        body += ["## Size and quality", "", f"![size vs quality](./{plot.name})", ""]
+    body += _prompt_section(models)
+    body += _run_section(models, recommended, repo)
+    body += _checksum_section(models, progress)
+    body += ["---", "", "Card written by shortquant from the files' own metadata; the measured numbers "
+             "come from these exact files.", ""]
+
+    text = _front_matter(meta) + "\n" + "\n".join(body)
+    target = outdir / "README.md"
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,170 @@
+"""Publish a folder to the Hugging Face Hub, or stage exactly what would be published.
+
+What goes up is every regular file in the folder and its subfolders, except hidden ones
+(``.cache``, ``.git``, ...), unfinished writes (``*.part``) and Python caches. ``--dry-run``
+makes no network call at all: it copies (hard-links when it can) those files into a staging
+folder, laid out as they would be in the repo, and writes a manifest of path, size and sha256.
+
+The token comes from ``HF_TOKEN`` or the stored hub login (``huggingface_hub.get_token``); it is
+passed to the client and never printed, logged or written anywhere by us.
+
+    >>> from shortquant.publish.upload import publish
+    >>> publish("out/st-vicuna", "me/st-vicuna-GGUF", dry_run=True)     # doctest: +SKIP
+    PublishResult(repo='me/st-vicuna-GGUF', ...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortquant.errors import OutputError, PublishError
+
+MANIFEST = "manifest.json"
+STAGED = "upload"
+_SKIP_SUFFIXES = (".part", ".pyc", ".tmp")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path: str        # relative, with forward slashes: the path in the repo
+    size: int
+    sha256: str | None   # None after a real upload (not re-read)
+
+
+@dataclass
+class PublishResult:
+    repo: str
+    files: list[UploadFile]
+    dry_run: bool
+    staging_dir: Path | None = None
+    url: str | None = None
+
+    def to_json(self) -> dict:
+        return {"repo": self.repo, "dry_run": self.dry_run, "url": self.url,
+                "staging_dir": str(self.staging_dir) if self.staging_dir else None,
+                "files": [f.__dict__ for f in self.files],
+                "total_bytes": sum(f.size for f in self.files)}
+
+
+def upload_files(outdir: str | Path) -> list[Path]:
+    """The files ``publish`` would upload from ``outdir``, relative to it, sorted."""
+    outdir = Path(outdir)
+    chosen = []
+    for path in sorted(outdir.rglob("*")):
+        rel = path.relative_to(outdir)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        if path.is_symlink() or not path.is_file() or path.name.endswith(_SKIP_SUFFIXES):
+            continue
+        chosen.append(rel)
+    return chosen
+
+
+def check_repo_id(repo: str) -> str:
+    """``user/name`` as the hub allows it, else PublishError.
+
+    >>> check_repo_id("me/st-vicuna-GGUF")
+    'me/st-vicuna-GGUF'
+    """
+    if not _REPO_ID.match(repo or "") or ".." in repo or repo.endswith((".git", ".")):
+        raise PublishError(f"invalid repo id {repo!r}; expected user/name")
+    return repo
+
+
+def _stage(outdir: Path, files: list[Path], staging_dir: Path, progress: bool) -> list[UploadFile]:
+    from tqdm import tqdm
+
+    from shortquant.publish.card import sha256_file
+
+    target = staging_dir / STAGED
+    if target.exists():
+        shutil.rmtree(target)
+    entries = []
+    total = sum((outdir / rel).stat().st_size for rel in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="stage", disable=not progress) as bar:
+        for rel in files:
+            src, dst = outdir / rel, target / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)   # same bytes, no copy of multi-GB files
+            except OSError:
+                shutil.copy2(src, dst)
+            entries.append(UploadFile(rel.as_posix(), dst.stat().st_size, sha256_file(dst, bar)))
+    return entries
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def _token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise PublishError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
+    return token
+
+
+def publish(outdir: str | Path, repo: str, private: bool = False, dry_run: bool = False,
+            staging_dir: str | Path | None = None, *, progress: bool = True,
+            commit_message: str | None = None) -> PublishResult:
+    """Upload ``outdir`` to the model repo ``repo`` (created if missing), or stage it (``dry_run``).
+
+    A dry run writes ``staging_dir/upload/`` (the files, as laid out in the repo) and
+    ``staging_dir/manifest.json``; ``staging_dir`` defaults to ``<outdir>.staging`` next to
+    ``outdir``. A real upload with ``huggingface_hub.upload_folder`` skips files the hub already
+    holds, so running it again after an interruption resumes it.
+
+        >>> publish("out/st-vicuna", "me/st-vicuna-GGUF", private=True)   # doctest: +SKIP
+    """
+    outdir = Path(outdir)
+    check_repo_id(repo)
+    if not outdir.is_dir():
+        raise PublishError("not a folder", outdir)
+    files = upload_files(outdir)
+    if not files:
+        raise PublishError("nothing to upload", outdir)
+    if not (outdir / "README.md").is_file():
+        raise PublishError("no README.md; write the model card first with `shortquant card`", outdir)
+
+    if dry_run:
+        staging = Path(staging_dir) if staging_dir is not None else outdir.with_name(outdir.name + ".staging")
+        if staging.resolve() == outdir.resolve() or outdir.resolve() in staging.resolve().parents:
+            raise PublishError("the staging folder must be outside the folder to publish", staging)
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            entries = _stage(outdir, files, staging, progress)
+            manifest = {"repo": repo, "repo_type": "model", "private": private,
+                        "files": [e.__dict__ for e in entries],
+                        "total_bytes": sum(e.size for e in entries)}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        except OSError as exc:
+            raise OutputError(f"cannot stage the upload: {exc.strerror or exc}", staging) from None
+        return PublishResult(repo=repo, files=entries, dry_run=True, staging_dir=staging)
+
+    token = _token()
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    allow = [rel.as_posix() for rel in files]
+    try:
+        url = api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo, repo_type="model", folder_path=str(outdir),
+                          allow_patterns=allow,
+                          commit_message=commit_message or "Upload GGUF files with shortquant")
+    except HfHubHTTPError as exc:
+        # The server's message, never the request headers (they hold the token).
+        raise PublishError(f"upload to {repo} failed: {_first_line(exc)}") from None
+    except Exception as exc:   # network down, DNS, TLS, ... (httpx/requests/OSError)
+        raise PublishError(f"upload to {repo} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    entries = [UploadFile(rel.as_posix(), (outdir / rel).stat().st_size, None) for rel in files]
+    return PublishResult(repo=repo, files=entries, dry_run=False, url=str(url))

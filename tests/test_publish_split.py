@@ -1,0 +1,125 @@
+"""Split GGUF files: llama.cpp loads them and computes the same logits as from the unsplit file."""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+from checkpoints import FIXTURES
+from shortquant.errors import PublishError
+from shortquant.publish.split import parse_size, parse_split_name, split_gguf, split_name, split_parts
+
+STORIES = FIXTURES / "stories260K.gguf"
+SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+              gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+
+
+@pytest.fixture
+def stories(tmp_path):
+    if not STORIES.is_file():
+        pytest.skip(f"{STORIES} not present")
+    path = tmp_path / "stories260K.gguf"
+    shutil.copy(STORIES, path)
+    return path
+
+
+def _logits(path, text=b"Once upon a time, there was a little girl"):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    tokens = llm.tokenize(text)
+    llm.eval(tokens)
+    scores = np.array(llm.scores[:len(tokens)])
+    llm.close()
+    return scores
+
+
+def test_split_files_load_in_llama_cpp_with_same_logits(stories):
+    parts = split_gguf(stories, "400K", progress=False)
+    assert len(parts) >= 3
+    assert [p.name for p in parts] == [f"stories260K-{i:05d}-of-{len(parts):05d}.gguf"
+                                       for i in range(1, len(parts) + 1)]
+    assert not list(stories.parent.glob("*.part"))
+    reference = _logits(stories)
+    from_split = _logits(parts[0])
+    assert reference.shape == from_split.shape and np.abs(reference).max() > 1
+    assert np.array_equal(reference, from_split)
+
+
+def test_split_layout_follows_gguf_split(stories):
+    original = gguf.GGUFReader(stories)
+    max_bytes = parse_size("400K")
+    parts = split_gguf(stories, max_bytes, progress=False)
+    readers = [gguf.GGUFReader(p) for p in parts]
+    copied = [k for k in original.fields if not k.startswith("GGUF.")]
+
+    for index, reader in enumerate(readers):
+        fields = {k: reader.fields[k].contents() for k in SPLIT_KEYS}
+        assert fields == {SPLIT_KEYS[0]: index, SPLIT_KEYS[1]: len(parts),
+                          SPLIT_KEYS[2]: len(original.tensors)}
+        assert reader.fields[SPLIT_KEYS[0]].types == [gguf.GGUFValueType.UINT16]
+        assert reader.fields[SPLIT_KEYS[2]].types == [gguf.GGUFValueType.INT32]
+        own = [k for k in reader.fields if not k.startswith("GGUF.")]
+        # All metadata in the first part, then the split keys; only split keys elsewhere.
+        assert own == (copied if index == 0 else []) + list(SPLIT_KEYS)
+        data = sum(-(-int(t.n_bytes) // reader.alignment) * reader.alignment for t in reader.tensors)
+        assert data <= max_bytes or len(reader.tensors) == 1
+
+    for key in copied:
+        first = readers[0].fields[key]
+        assert first.types == original.fields[key].types
+        assert first.contents() == original.fields[key].contents()
+
+    # Every tensor, in order, with the same name, type, shape and bytes.
+    split_tensors = [t for r in readers for t in r.tensors]
+    assert [t.name for t in split_tensors] == [t.name for t in original.tensors]
+    for a, b in zip(original.tensors, split_tensors):
+        assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape))
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8))
+
+
+def test_a_tensor_larger_than_the_limit_gets_its_own_part(stories, tmp_path):
+    parts = split_gguf(stories, 1, outdir=tmp_path / "parts", progress=False)
+    assert len(parts) == len(gguf.GGUFReader(stories).tensors)
+    assert all(p.parent == tmp_path / "parts" for p in parts)
+
+
+def test_small_file_is_not_split(stories):
+    assert split_gguf(stories, "48G", progress=False) == [stories]
+    assert sorted(p.name for p in stories.parent.iterdir()) == [stories.name]
+
+
+def test_split_file_is_not_split_again(stories):
+    parts = split_gguf(stories, "400K", progress=False)
+    with pytest.raises(PublishError, match="already a split file"):
+        split_gguf(parts[0], "100K", progress=False)
+
+
+@pytest.mark.parametrize("text, expected", [("48G", 48 * 10**9), ("500M", 5 * 10**8), ("300k", 300_000),
+                                            ("1000", 1000), (7, 7)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["48X", "", "-1G", "0", "1.5G"])
+def test_parse_size_rejects(text):
+    with pytest.raises(PublishError):
+        parse_size(text)
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(PublishError, match="not a readable GGUF"):
+        split_gguf(bad, "1M", progress=False)
+
+
+def test_names_round_trip(tmp_path):
+    name = split_name(tmp_path / "M-Q8_0", 1, 3)
+    assert name.name == "M-Q8_0-00002-of-00003.gguf"
+    assert parse_split_name(name) == ("M-Q8_0", 1, 3)
+    assert parse_split_name(tmp_path / "M-Q8_0.gguf") is None
+    assert [p.name for p in split_parts(split_name(tmp_path / "M", 0, 2))] == [
+        "M-00001-of-00002.gguf", "M-00002-of-00002.gguf"]
