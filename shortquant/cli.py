@@ -115,7 +115,7 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
     path, options = _options_from(source, recipe, source_blocks, chat_template, name,
                                   quants=tuple(quants), out_dir=Path("."))
     plan = make_model_plan(open_checkpoint(path), options)
-    files = plan_files(plan, options)
+    files, _ = plan_files(plan, options)
     if as_json:
         click.echo(json.dumps(plan_as_dict(plan, files), indent=2))
     else:
@@ -129,12 +129,20 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
                    "the source is read once.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("gguf"),
               show_default=True, help="Folder for the GGUF files.")
+@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Importance matrix (llama.cpp's GGUF or .dat format, or from `shortquant imatrix`); "
+                   "needed by the IQ1/IQ2/IQ3_XXS types.")
+@click.option("--output-type", metavar="TYPE", help="Type of output.weight, e.g. q8_0 (like llama-quantize).")
+@click.option("--embedding-type", metavar="TYPE", help="Type of token_embd.weight.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="Type for tensors whose name matches the regex, e.g. 'ffn_down=q6_k' (repeatable).")
+@click.option("--pure", is_flag=True, help="Every weight gets the type's default; no mix rules.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--allow-nonfinite", is_flag=True, help="Export even if a weight holds NaN or Inf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, threads, allow_nonfinite,
-           quiet, as_json):
+def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
+           embedding_type, tensor_types, pure, threads, allow_nonfinite, quiet, as_json):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -147,21 +155,28 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export --quant q8_0
       shortquant export ./st-vicuna-v1.3-5.5b-taylor --quant f16 --out ./gguf
       shortquant export ./model --quant q8_0 --quant q4_k_m --recipe st-vicuna-v1.3-5.5b-taylor
+      shortquant export ./model --quant all --imatrix model.imatrix.gguf
+      shortquant export ./model --quant q4_k_m --tensor-type 'ffn_down=q6_k' --output-type q8_0
     """
     from .export import export as run_export
+    from .quant.mixes import QuantOverrides
 
+    overrides = QuantOverrides.parse(output_type=output_type, embedding_type=embedding_type, pure=pure,
+                                     tensor_types=list(tensor_types))
     path, options = _options_from(source, recipe, source_blocks, chat_template, name, quants=tuple(quants),
                                   out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
-                                  quiet=quiet or as_json)
+                                  quiet=quiet or as_json, overrides=overrides, imatrix=imatrix)
     report = run_export(path, options)
     for warning in report.plan.warnings:
         click.echo(f"warning: {warning}", err=True)
+    for quant, reason in report.skipped.items():
+        click.echo(f"note: skipped {quant}: {reason}", err=True)
     if as_json:
         click.echo(json.dumps({
             "source": str(path), "seconds": round(report.seconds, 3),
             "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.bytes, "n_params": f.n_params,
                        "bpw": round(f.bpw, 4)} for f in report.files],
-            "failed": report.failed}, indent=2))
+            "failed": report.failed, "skipped": report.skipped}, indent=2))
     elif not quiet:
         for f in report.files:
             click.echo(f"{f.path}  {f.type_label:<8} {f.bytes / 1e6:9.1f} MB  {f.bpw:5.2f} bpw")
@@ -185,8 +200,9 @@ def recipes():
 # Commands of the later stages live beside their code; they register here.
 def _register_stage_commands() -> None:
     from .publish.commands import card_command, publish_command, split_command
+    from .quant.commands import imatrix_command
 
-    for command in (card_command, split_command, publish_command):
+    for command in (imatrix_command, card_command, split_command, publish_command):
         main.add_command(command)
 
 

@@ -13,15 +13,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import OutputError, QuantError, ShortquantError, WeightError
 from .gguf_out import GGUFFileWriter
-from .plan import FilePlan, ModelPlan, plan_file
+from .plan import FilePlan, ModelPlan, TensorPlan, plan_file
 from .source.checkpoint import Checkpoint, open_checkpoint
-from .transforms import apply_transform
+from .transforms import apply_transform, row_unit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO_ROOT / "models" / "demo"
@@ -39,7 +40,7 @@ class ExportOptions:
     allow_nonfinite: bool = False
     threads: int | None = None
     overrides: object | None = None                 # shortquant.quant.mixes.QuantOverrides
-    imatrix: object | None = None                   # shortquant.quant.imatrix.ImportanceMatrix
+    imatrix: Path | None = None                     # llama.cpp imatrix file (GGUF or legacy .dat)
     quiet: bool = False
 
 
@@ -62,6 +63,7 @@ class ExportReport:
     plan: ModelPlan
     files: list[ExportedFile]
     failed: dict[str, str] = field(default_factory=dict)   # quant -> one-line reason
+    skipped: dict[str, str] = field(default_factory=dict)  # quants `all` could not make, and why
     seconds: float = 0.0
 
 
@@ -71,12 +73,25 @@ def make_model_plan(checkpoint: Checkpoint, options: ExportOptions) -> ModelPlan
     return find_converter(checkpoint).make_plan(checkpoint, options)
 
 
-def plan_files(plan: ModelPlan, options: ExportOptions) -> list[FilePlan]:
-    from .quant.types import parse_quants
+def plan_files(plan: ModelPlan, options: ExportOptions) -> tuple[list[FilePlan], dict[str, str]]:
+    """One FilePlan per requested type, and the types ``all`` had to skip (with why).
+
+    A type named explicitly that cannot be made (say, an IQ type without an imatrix) is an
+    error; the same type reached through ``all`` is skipped with a note.
+    """
+    from .quant.types import parse_quant, parse_quants
 
     has_imatrix = options.imatrix is not None
-    return [plan_file(plan, spec, options.out_dir, options.overrides, has_imatrix)
-            for spec in parse_quants(list(options.quants))]
+    explicit = {parse_quant(q).name for q in options.quants if q.strip().lower() != "all"}
+    files, skipped = [], {}
+    for spec in parse_quants(list(options.quants)):
+        try:
+            files.append(plan_file(plan, spec, options.out_dir, options.overrides, has_imatrix))
+        except QuantError as exc:
+            if spec.name in explicit:
+                raise
+            skipped[spec.name] = str(exc)
+    return files, skipped
 
 
 def export(source: Path, options: ExportOptions) -> ExportReport:
@@ -84,13 +99,21 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
     start = time.perf_counter()
     checkpoint = open_checkpoint(source)
     plan = make_model_plan(checkpoint, options)
-    files = plan_files(plan, options)
-    if options.imatrix is not None:
-        options.imatrix.check_against(plan)
+    files, skipped = plan_files(plan, options)
+    importance = load_importance(options.imatrix, plan) if options.imatrix else {}
     prepare_out_dir(options.out_dir)
-    report = write_files(checkpoint, plan, files, options)
+    report = write_files(checkpoint, plan, files, options, importance)
+    report.skipped = skipped
     report.seconds = time.perf_counter() - start
     return report
+
+
+def load_importance(path: Path, plan: ModelPlan) -> dict[str, np.ndarray]:
+    """Per-column importance of every planned tensor the imatrix covers (checked to fit)."""
+    from .quant.imatrix import match_model, read_imatrix
+
+    imatrix = read_imatrix(path)   # refuses non-finite values
+    return match_model(imatrix, {t.name: t.shape for t in plan.tensors}, path)
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -105,49 +128,74 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out_dir) from None
 
 
-def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePlan],
-                options: ExportOptions) -> ExportReport:
-    """Stream every tensor once and write it into every file of ``files``.
+# Rows are read, converted and quantized in pieces of about this many values (64 MB as f32),
+# so peak memory stays near one piece per output file, not one whole tensor.
+CHUNK_VALUES = 16 * 1024 * 1024
 
-    A failure specific to one file (say, a quantization error) abandons that file only; the
-    others are finished. Bad source data (NaN, a short read) abandons them all.
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``start:stop`` of one planned tensor."""
+
+    tensor: TensorPlan
+    start: int
+    stop: int
+
+
+def pieces(plan: ModelPlan, chunk_values: int | None = None) -> list[Piece]:
+    chunk_values = chunk_values or CHUNK_VALUES
+    out = []
+    for tensor in plan.tensors:
+        rows = tensor.shape[0] if len(tensor.shape) > 1 else 1
+        cols = tensor.n_elements // rows
+        unit = row_unit(tensor)
+        step = max(unit, chunk_values // cols // unit * unit)
+        out.extend(Piece(tensor, lo, min(rows, lo + step)) for lo in range(0, rows, step))
+    return out
+
+
+def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePlan],
+                options: ExportOptions, importance: dict[str, np.ndarray] | None = None) -> ExportReport:
+    """Read every tensor once, in pieces, and write each piece into every file of ``files``.
+
+    The next piece is read while the current one is quantized. A failure specific to one file
+    (say, a quantization error) abandons that file only; the others are finished. Bad source
+    data (NaN, a short read) abandons them all.
     """
     from tqdm import tqdm
 
     from .quant.ggml import quantize
+    from .quant.types import is_quantized
 
     writers: dict[str, GGUFFileWriter] = {}
     failed: dict[str, str] = {}
-    started: dict[str, float] = {}
+    seconds = {f.quant: 0.0 for f in files}
     with contextlib.ExitStack() as stack:
         for f in files:
             writer = GGUFFileWriter(plan, f)
             writer.open()
             stack.callback(writer.abort)   # no-op once committed
             writers[f.quant] = writer
-            started[f.quant] = 0.0
-        total = sum(t.n_elements for t in plan.tensors)
-        bar = tqdm(total=total, unit="w", unit_scale=True, disable=options.quiet,
-                   desc=f"export {', '.join(f.type_label for f in files)}", leave=False)
-        with bar:
-            for tensor in plan.tensors:
-                data = load_tensor(checkpoint, tensor, options.allow_nonfinite)
-                importance = options.imatrix.for_tensor(tensor.name) if options.imatrix is not None else None
-                for f in files:
-                    if f.quant in failed:
-                        continue
-                    t0 = time.perf_counter()
-                    qtype = f.tensor_types[tensor.name]
-                    try:
-                        encoded = quantize(data, qtype, importance if qtype_takes_imatrix(qtype) else None,
-                                           options.threads)
-                        writers[f.quant].write_tensor(tensor.name, encoded)
-                    except QuantError as exc:
-                        failed[f.quant] = f"{tensor.name}: {exc}"
-                        writers[f.quant].abort()
-                    started[f.quant] += time.perf_counter() - t0
-                del data
-                bar.update(tensor.n_elements)
+        bar = stack.enter_context(tqdm(total=plan.n_params, unit="w", unit_scale=True, disable=options.quiet,
+                                       desc=_bar_label(files), leave=False))
+        for piece, data in read_ahead(lambda p: load_piece(checkpoint, p, options.allow_nonfinite),
+                                      pieces(plan)):
+            name = piece.tensor.name
+            column_weights = (importance or {}).get(name)
+            for f in files:
+                if f.quant in failed:
+                    continue
+                t0 = time.perf_counter()
+                qtype = f.tensor_types[name]
+                try:
+                    encoded = quantize(data, qtype, column_weights if is_quantized(qtype) else None, options.threads,
+                                       validate=not options.allow_nonfinite)
+                    writers[f.quant].write(name, encoded)
+                except QuantError as exc:
+                    failed[f.quant] = f"{name}: {exc}"
+                    writers[f.quant].abort()
+                seconds[f.quant] += time.perf_counter() - t0
+            bar.update(data.size)
         exported = []
         for f in files:
             if f.quant in failed:
@@ -155,24 +203,37 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
             path = writers[f.quant].commit()
             exported.append(ExportedFile(path=path, quant=f.quant, type_label=f.type_label,
                                          bytes=path.stat().st_size, n_params=plan.n_params,
-                                         seconds=started[f.quant]))
+                                         seconds=seconds[f.quant]))
     if failed and not exported:
         quant, reason = next(iter(failed.items()))
         raise QuantError(f"{quant} failed: {reason}")
     return ExportReport(plan=plan, files=exported, failed=failed)
 
 
-def qtype_takes_imatrix(qtype) -> bool:
-    from .quant.types import is_quantized
+def _bar_label(files: Sequence[FilePlan]) -> str:
+    labels = [f.type_label for f in files]
+    return f"export {', '.join(labels)}" if len(labels) <= 4 else f"export {len(labels)} types"
 
-    return is_quantized(qtype)
+
+def read_ahead(load: Callable[[Piece], np.ndarray], items: Sequence[Piece]) -> Iterator[tuple[Piece, np.ndarray]]:
+    """Yield ``(item, load(item))``, loading the next item in a thread meanwhile."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortquant-read") as pool:
+        future = pool.submit(load, items[0])
+        for i, item in enumerate(items):
+            data = future.result()
+            if i + 1 < len(items):
+                future = pool.submit(load, items[i + 1])
+            yield item, data
 
 
-def load_tensor(checkpoint: Checkpoint, tensor, allow_nonfinite: bool = False) -> np.ndarray:
-    """Read one source tensor as float32, apply its transform, refuse NaN/Inf unless allowed."""
+def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = False) -> np.ndarray:
+    """Read rows of one source tensor as float32, transform them, refuse NaN/Inf unless allowed."""
+    tensor = piece.tensor
     ref = checkpoint.tensors[tensor.source]
     try:
-        data = ref.load()
+        data = ref.load_rows(piece.start, piece.stop) if len(tensor.shape) > 1 else ref.load()
     except OSError as exc:
         raise WeightError(f"cannot read tensor {tensor.source!r} ({exc})", ref.path) from None
     if not allow_nonfinite and not np.isfinite(data).all():

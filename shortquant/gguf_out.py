@@ -26,7 +26,7 @@ class GGUFFileWriter:
 
     >>> with GGUFFileWriter(plan, file_plan) as w:       # doctest: +SKIP
     ...     for t in plan.tensors:
-    ...         w.write_tensor(t.name, encoded_bytes)
+    ...         w.write(t.name, encoded_bytes)     # whole tensor, or its rows in several pieces
     """
 
     def __init__(self, plan: ModelPlan, file_plan: FilePlan, extra_metadata: Sequence[MetaItem] = ()):
@@ -36,6 +36,7 @@ class GGUFFileWriter:
         self.extra_metadata = tuple(extra_metadata)
         self._writer: gguf.GGUFWriter | None = None
         self._pending: list[tuple[str, int]] = []
+        self._current: tuple[str, int] | None = None   # tensor being written, bytes still due
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "GGUFFileWriter":
@@ -73,17 +74,26 @@ class GGUFFileWriter:
         self._writer = writer
         self._pad()
 
-    def write_tensor(self, name: str, data: np.ndarray) -> None:
-        """Append the encoded bytes of the next tensor (must follow the plan's order)."""
-        expected_name, nbytes = self._pending.pop(0)
-        if name != expected_name or data.nbytes != nbytes:
-            raise RuntimeError(f"writer expected {expected_name} ({nbytes} bytes), got {name} ({data.nbytes})")
+    def write(self, name: str, data: np.ndarray) -> None:
+        """Append encoded bytes of tensor ``name``: all of it, or the next rows of it.
+
+        Tensors must come in the plan's order; a tensor is complete once its planned byte count
+        has been written, and the padding to the next tensor follows automatically.
+        """
+        if self._current is None:
+            self._current = self._pending.pop(0)
+        expected_name, due = self._current
+        if name != expected_name or data.nbytes > due:
+            raise RuntimeError(f"writer expected {expected_name} ({due} bytes due), got {name} ({data.nbytes})")
         np.ascontiguousarray(data).tofile(self._fout)
-        self._pad()
+        due -= data.nbytes
+        self._current = (name, due) if due else None
+        if not due:
+            self._pad()
 
     def commit(self) -> Path:
-        if self._pending:
-            raise RuntimeError(f"{len(self._pending)} tensors were never written to {self.final_path}")
+        if self._pending or self._current:
+            raise RuntimeError(f"tensor data missing from {self.final_path}")
         fout = self._fout
         fout.flush()
         os.fsync(fout.fileno())

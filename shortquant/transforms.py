@@ -21,9 +21,17 @@ def permute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .reshape(weight.shape))
 
 
-def apply_transform(tensor: TensorPlan, data: np.ndarray) -> np.ndarray:
-    if tensor.transform is Transform.NONE:
-        return data
+def row_unit(tensor: TensorPlan) -> int:
+    """The smallest row count a transform can work on alone (one head for the permutation)."""
     if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
-        return np.ascontiguousarray(permute_rotary(data, tensor.heads))
+        return tensor.shape[0] // tensor.heads
+    return 1
+
+
+def apply_transform(tensor: TensorPlan, rows: np.ndarray) -> np.ndarray:
+    """Transform whole rows of ``tensor`` (a slice of whole heads when permuting)."""
+    if tensor.transform is Transform.NONE:
+        return rows
+    if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
+        return np.ascontiguousarray(permute_rotary(rows, rows.shape[0] // row_unit(tensor)))
     raise ValueError(f"unknown transform {tensor.transform}")

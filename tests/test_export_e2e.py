@@ -178,3 +178,39 @@ def test_names_and_size_label(tmp_path, small_tokenizer):
     assert reader_value(reader, gguf.Keys.General.FILE_TYPE) == gguf.LlamaFileType.MOSTLY_Q8_0
     assert reader_value(reader, gguf.Keys.General.BASENAME) == "st-vicuna-v1.3"
     assert reader_value(reader, gguf.Keys.General.FINETUNE) == "taylor"
+
+
+def test_piecewise_conversion_gives_identical_files(tmp_path, small_tokenizer, monkeypatch):
+    """Reading rows in small pieces (whole heads for Q/K) writes the very same bytes."""
+    import shortquant.export as export_module
+
+    _, src = make(tmp_path, small_tokenizer, num_attention_heads=8, num_key_value_heads=2)
+    whole = export(src, tmp_path / "whole", "f32", "q8_0")
+    monkeypatch.setattr(export_module, "CHUNK_VALUES", 1000)
+    plan = export_module.make_model_plan(export_module.open_checkpoint(src), export_module.ExportOptions())
+    pieces = export_module.pieces(plan)
+    q_pieces = [p for p in pieces if p.tensor.name == "blk.0.attn_q.weight"]
+    assert len(q_pieces) > 1 and all((p.stop - p.start) % 8 == 0 for p in q_pieces)   # head_dim 8
+    piecewise = export(src, tmp_path / "pieces", "f32", "q8_0")
+    for quant in ("f32", "q8_0"):
+        assert whole[quant].read_bytes() == piecewise[quant].read_bytes()
+
+
+def test_interrupt_leaves_no_file(tmp_path, small_tokenizer, monkeypatch):
+    """Ctrl-C in the middle of writing: no file under the final name, no .part left."""
+    import shortquant.quant.ggml as ggml
+
+    _, src = make(tmp_path, small_tokenizer)
+    real, calls = ggml.quantize, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ggml, "quantize", interrupted)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", str(src), "--out", str(out), "--quant", "q8_0", "--quiet"])
+    assert result.exit_code == 130
+    assert list(out.iterdir()) == []

@@ -85,12 +85,15 @@ class _MemmapReader:
     def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
 
-    def __call__(self) -> np.ndarray:
-        count = int(np.prod(self.shape, dtype=np.int64))
-        raw = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(count,))
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        row = int(np.prod(self.shape[1:], dtype=np.int64))
+        shape = (stop - start, *self.shape[1:]) if self.shape else ()
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * row * self.dtype.itemsize,
+                        shape=(count,))
         if self.dtype == np.dtype("<u2"):  # bf16: the top half of an f32
             out = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             out = raw.astype(np.float32)
         del raw
-        return out.reshape(self.shape)
+        return out.reshape(shape)

@@ -58,7 +58,8 @@ class _TensorReader:
     def __init__(self, tensor):
         self.tensor = tensor
 
-    def __call__(self) -> np.ndarray:
+    def __call__(self, start: int, stop: int) -> np.ndarray:
         import torch
 
-        return self.tensor.detach().to(torch.float32).numpy().copy()
+        part = self.tensor[start:stop] if self.tensor.dim() else self.tensor
+        return part.detach().to(torch.float32).numpy().copy()
