@@ -6,6 +6,7 @@ import json
 import math
 import struct
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -187,3 +188,54 @@ def test_duplicate_block_index(tmp_path, src):
 def test_unknown_quant_type(tmp_path, src):
     assert_one_line_error(run_export(src, tmp_path / "o", "--quant", "q9_9"), "unknown quantization type",
                           "q4_k_m")
+
+
+def write_imatrix_for(path, entries):
+    from shortquant.quant.imatrix import Imatrix, write_imatrix
+
+    sums = {name: np.asarray(values, dtype=np.float32).reshape(1, -1) for name, values in entries.items()}
+    counts = {name: np.array([64.0], dtype=np.float32) for name in entries}
+    write_imatrix(path, Imatrix(sums, counts, datasets=["test"], chunk_count=1, chunk_size=64))
+    return path
+
+
+def test_iq_type_without_imatrix(tmp_path, small_tokenizer):
+    tok, vocab = small_tokenizer
+    model = build_model(TinySpec(hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab))
+    src = save_model(model, tmp_path / "wide", tokenizer_model=tok)
+    assert_one_line_error(run_export(src, tmp_path / "o", "--quant", "iq2_xxs"),
+                          "needs an importance matrix", "shortquant imatrix")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_imatrix_for_another_model(tmp_path, src):
+    wrong_name = write_imatrix_for(tmp_path / "a.imatrix.gguf", {"blk.7.ffn_up.weight": np.ones(64)})
+    assert_one_line_error(run_export(src, tmp_path / "o", "--quant", "q8_0", "--imatrix", wrong_name),
+                          "a.imatrix.gguf", "blk.7.ffn_up.weight", "another model")
+    wrong_size = write_imatrix_for(tmp_path / "b.imatrix.gguf", {"blk.0.ffn_up.weight": np.ones(32)})
+    assert_one_line_error(run_export(src, tmp_path / "o", "--quant", "q8_0", "--imatrix", wrong_size),
+                          "b.imatrix.gguf", "blk.0.ffn_up.weight", "32 values")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_imatrix_with_nonfinite_values(tmp_path, src):
+    # Written by hand: our own writer refuses non-finite values too.
+    import gguf
+
+    bad = tmp_path / "nan.imatrix.gguf"
+    writer = gguf.GGUFWriter(bad, arch="")
+    writer.add_type("imatrix")
+    writer.add_array(gguf.Keys.IMatrix.DATASETS, ["test"])
+    writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, 1)
+    writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, 64)
+    sums = np.ones((1, 64), dtype=np.float32)
+    sums[0, 3] = np.nan
+    writer.add_tensor("blk.0.ffn_up.weight.in_sum2", sums)
+    writer.add_tensor("blk.0.ffn_up.weight.counts", np.array([[64.0]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(run_export(src, tmp_path / "o", "--quant", "q8_0", "--imatrix", bad),
+                          "nan.imatrix.gguf", "non-finite")
