@@ -82,6 +82,8 @@ def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
 
     path, implied_recipe = resolve_source(source)
     recipe_name = recipe or implied_recipe
+    if implied_recipe and not recipe and source is not None:
+        click.echo(f"note: using recipe {implied_recipe} (known release; --recipe to choose another)", err=True)
     blocks = None
     if source_blocks:
         try:
@@ -139,10 +141,21 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--pure", is_flag=True, help="Every weight gets the type's default; no mix rules.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--allow-nonfinite", is_flag=True, help="Export even if a weight holds NaN or Inf.")
+@click.option("--eval", "evaluate", is_flag=True,
+              help="Measure every file afterwards (perplexity, KLD, speed) into OUT/results.json.")
+@click.option("--text", "text_path", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Evaluation text for --eval (e.g. wikitext-2 test); default: a built-in short story text.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Context for --eval.")
+@click.option("--base", metavar="PATH",
+              help="KLD reference for --eval: a GGUF or HF folder [default: the f32/f16/bf16 file of this "
+                   "ladder, else the source checkpoint].")
+@click.option("--card", "make_card", is_flag=True,
+              help="Write the model card (README.md) and ollama Modelfiles into OUT, ready for `publish`.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
-           embedding_type, tensor_types, pure, threads, allow_nonfinite, quiet, as_json):
+           embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
+           make_card, quiet, as_json):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -157,6 +170,7 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model --quant q8_0 --quant q4_k_m --recipe st-vicuna-v1.3-5.5b-taylor
       shortquant export ./model --quant all --imatrix model.imatrix.gguf
       shortquant export ./model --quant q4_k_m --tensor-type 'ffn_down=q6_k' --output-type q8_0
+      shortquant export ./model -q f16 -q q8_0 -q q4_k_m --eval --text wiki.test.raw --card
     """
     from .export import export as run_export
     from .quant.mixes import QuantOverrides
@@ -183,8 +197,39 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
         click.echo(f"done in {report.seconds:.1f} s")
     for quant, reason in report.failed.items():
         click.echo(f"error: {quant} failed: {reason}", err=True)
+    if evaluate and report.files:
+        _evaluate_export(report, path, out_dir, text_path, ctx, base, threads, quiet or as_json)
+    if make_card and report.files:
+        from .publish.card import write_card
+        from .publish.modelfile import write_modelfiles
+
+        plot = out_dir / "report.png"
+        readme = write_card(out_dir, recipe=options.recipe, plot=plot if plot.exists() else None,
+                            progress=not (quiet or as_json))
+        written = [readme, *write_modelfiles(out_dir)]
+        if not (quiet or as_json):
+            click.echo(f"card: {readme} (+{len(written) - 1} ollama files)")
     if report.failed:
         sys.exit(2)
+
+
+_BASE_PREFERENCE = ("f32", "f16", "bf16")
+
+
+def _evaluate_export(report, source: Path, out_dir: Path, text_path, ctx: int, base, threads, quiet: bool):
+    """--eval: perplexity, KLD against the best reference at hand, speed; results.json + plot."""
+    from .evaluate.report import plot_report
+    from .evaluate.results import markdown_table
+    from .evaluate.runner import evaluate_files
+
+    if base is None:
+        exported = {f.quant: f.path for f in report.files}
+        base = next((exported[q] for q in _BASE_PREFERENCE if q in exported), source)
+    results = evaluate_files([f.path for f in report.files], text_path, ctx, base, threads=threads,
+                             bench=True, quiet=quiet, output=out_dir / "results.json")
+    plot_report([results], out_dir / "report.png")
+    if not quiet:
+        click.echo(markdown_table(results))
 
 
 @main.command()
@@ -199,10 +244,12 @@ def recipes():
 
 # Commands of the later stages live beside their code; they register here.
 def _register_stage_commands() -> None:
+    from .evaluate.commands import bench_command, eval_command, report_command
     from .publish.commands import card_command, publish_command, split_command
     from .quant.commands import imatrix_command
 
-    for command in (imatrix_command, card_command, split_command, publish_command):
+    for command in (imatrix_command, eval_command, bench_command, report_command, card_command, split_command,
+                    publish_command):
         main.add_command(command)
 
 

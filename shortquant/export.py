@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import OutputError, QuantError, ShortquantError, WeightError
+from .errors import OutputError, QuantError, ShortquantError, SourceError, WeightError
 from .gguf_out import GGUFFileWriter
 from .plan import FilePlan, ModelPlan, TensorPlan, plan_file
 from .source.checkpoint import Checkpoint, open_checkpoint
@@ -243,10 +244,46 @@ def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = Fal
     return apply_transform(tensor, data)
 
 
+# A hub id: "org/name", nothing else (a local path would exist or contain more separators).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.jinja"]
+
+
 def resolve_source(source: str | None) -> tuple[Path, str | None]:
-    """The checkpoint folder to read and the recipe it implies (the demo when no source)."""
+    """The checkpoint folder to read and the recipe it implies.
+
+    No source: the embedded demo model. A local folder whose name is a known release's: that
+    release's recipe. A hub id (``nota-ai/st-vicuna-v1.3-5.5b-taylor``) that is not a local
+    path: downloaded with huggingface_hub, with its recipe when it is a known release.
+    """
     if source is None:
         if not (DEMO_MODEL / "config.json").is_file():
             raise ShortquantError("the embedded demo model is missing from this installation", DEMO_MODEL)
         return DEMO_MODEL, DEMO_RECIPE
-    return Path(source), None
+    path = Path(source)
+    if path.exists():
+        return path, _known_recipe(path.resolve().name)
+    if _HUB_ID.match(source):
+        return download(source), _known_recipe(source)
+    raise SourceError("no such folder", path)
+
+
+def _known_recipe(name: str) -> str | None:
+    from .recipes import RecipeError, load_recipe
+
+    try:
+        return load_recipe(name).name
+    except RecipeError:
+        return None
+
+
+def download(repo_id: str) -> Path:
+    """Fetch the files a conversion needs from the hub (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_DOWNLOAD_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: all one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"not a local folder, and downloading it from the hub failed ({first[:200]})",
+                          repo_id) from None
