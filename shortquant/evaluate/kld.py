@@ -1,0 +1,355 @@
+"""KL divergence of a file's next-token distributions against a base, like llama-perplexity's
+``--kl-divergence`` mode, with the base's log-probabilities computed once and cached.
+
+Base log-probabilities are stored per scored token (the same second-half rows perplexity
+scores) in a folder of ``.npy`` files that are memory-mapped when read:
+
+* ``q.npy`` (rows x n_vocab, uint16): log-probs within ``WINDOW`` nats of the row's top
+  log-prob, on a uniform grid (step WINDOW/65534 ~ 3e-4 nats, so at most 1.5e-4 off);
+  0 marks a token more than WINDOW below the top (p < 2e-9 times the top p), left out
+  of the KLD sum as llama.cpp leaves out base log-probs below -16;
+* ``top.npy`` (rows, float32): the row's top log-prob (the grid's upper end);
+* ``nll.npy`` (rows, float64): the base's exact NLL of the token that followed;
+* ``argmax.npy`` (rows, int32): the base's exact top-1 token;
+* ``tokens.npy`` (chunks x ctx, int32): the evaluated tokens, to refuse another tokenizer;
+* ``meta.json``: format, ctx, n_vocab, n_chunks, window and the base it came from.
+
+Half the size of float32 logits, exact where it matters (NLL, top-1); the mean KLD of a
+file against its own cache is ~1e-7 (rounding noise of either sign).
+
+Example::
+
+    store = ensure_base("model-F32.gguf", chunks, n_vocab=32000)
+    stats = KldStats()
+    for chunk_index, (chunk, logits) in enumerate(chunk_logits(model, chunks)):
+        kld, delta_p, same, nll, nll_base = compare_chunk(logits[:-1], scored_targets(chunk),
+                                                          store, chunk_index)
+        stats.add(kld, delta_p, same)
+    print(stats.summary())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from shortquant.errors import EvalError
+from shortquant.evaluate.perplexity import first_scored, log_softmax, model_inputs, scored_targets
+
+FORMAT = "shortquant-base-logprobs/1"
+WINDOW = 20.0
+LEVELS = 65534  # q in 1..65535 spans [top - WINDOW, top]; 0 = below the window
+STEP = WINDOW / LEVELS
+FINGERPRINT_BYTES = 16 << 20
+
+
+# -- where bases come from ------------------------------------------------------------------
+def base_kind(base: str | Path) -> str:
+    """'cache' (a folder made by this module), 'hf' (a Hugging Face model folder) or 'gguf'."""
+    base = Path(base)
+    if base.is_dir():
+        if (base / "meta.json").is_file():
+            return "cache"
+        if (base / "config.json").is_file():
+            return "hf"
+        raise EvalError("base folder is neither a Hugging Face model (config.json) "
+                        "nor a base-logits cache (meta.json)", base)
+    if base.is_file():
+        return "gguf"
+    raise EvalError("base not found", base)
+
+
+def _file_fingerprint(path: Path, digest) -> None:
+    """Size plus the first and last 16 MiB: cheap, and changes whenever the weights do."""
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        if size > 2 * FINGERPRINT_BYTES:
+            handle.seek(size - FINGERPRINT_BYTES)
+            digest.update(handle.read())
+
+
+def base_fingerprint(base: str | Path) -> str:
+    """A short hash that identifies a base GGUF file or model folder's content."""
+    base = Path(base)
+    digest = hashlib.sha256()
+    if base.is_dir():
+        for path in sorted(p for p in base.iterdir() if p.is_file()):
+            if path.suffix in (".json", ".safetensors", ".bin", ".model", ".pt", ".pth"):
+                _file_fingerprint(path, digest)
+    else:
+        _file_fingerprint(base, digest)
+    return digest.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SHORTQUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shortquant")
+    return Path(root) / "base-logprobs"
+
+
+def cache_key(fingerprint: str, chunks: np.ndarray, n_batch: int = 2048) -> str:
+    """Key of a base run: the base's content, the exact tokens (text + tokenizer), ctx, batch."""
+    digest = hashlib.sha256()
+    digest.update(fingerprint.encode())
+    digest.update(np.ascontiguousarray(chunks, dtype=np.int32).tobytes())
+    digest.update(f"ctx={chunks.shape[1]} batch={n_batch}".encode())
+    return digest.hexdigest()[:24]
+
+
+# -- the compact form ------------------------------------------------------------------------
+def quantize_logprobs(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q uint16, top float32) for rows of float64 log-probs."""
+    top = lp.max(axis=1)
+    offset = lp - (top - WINDOW)[:, None]
+    q = np.where(offset >= 0, np.rint(np.clip(offset, 0, WINDOW) / STEP) + 1, 0)
+    return q.astype(np.uint16), top.astype(np.float32)
+
+
+def dequantize_logprobs(q: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probs float64, kept mask) from the compact form."""
+    q = np.asarray(q)
+    kept = q > 0
+    lp = (np.asarray(top, dtype=np.float64) - WINDOW)[:, None] + (q.astype(np.float64) - 1) * STEP
+    return lp, kept
+
+
+class BaseStore:
+    """A base's cached log-probs, memory-mapped; rows of chunk ``i`` via :meth:`chunk`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvalError(f"not a base-logits cache ({exc})", self.folder)
+        if self.meta.get("format") != FORMAT:
+            raise EvalError(f"base-logits cache of another format ({self.meta.get('format')})", self.folder)
+        load = lambda name: np.load(self.folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        self.tokens = load("tokens")
+        self.q, self.top, self.nll, self.argmax = load("q"), load("top"), load("nll"), load("argmax")
+        self.ctx = int(self.meta["ctx"])
+        self.n_vocab = int(self.meta["n_vocab"])
+        self.rows_per_chunk = self.ctx - first_scored(self.ctx) - 1
+
+    def chunk(self, index: int):
+        rows = slice(index * self.rows_per_chunk, (index + 1) * self.rows_per_chunk)
+        return self.q[rows], self.top[rows], self.nll[rows], self.argmax[rows]
+
+    def check_compatible(self, chunks: np.ndarray, n_vocab: int, what: str | Path) -> None:
+        """Refuse a file whose vocabulary or tokenization differs from the base's."""
+        if n_vocab != self.n_vocab:
+            raise EvalError(f"base has another vocabulary ({self.n_vocab} tokens, this file "
+                            f"{n_vocab}); compare files of the same model", what)
+        if chunks.shape[1] != self.ctx:
+            raise EvalError(f"base logits were computed with ctx {self.ctx}, not {chunks.shape[1]}", what)
+        if len(chunks) > len(self.tokens) or not np.array_equal(self.tokens[: len(chunks)], chunks):
+            raise EvalError("this file tokenizes the text differently from the base "
+                            "(another tokenizer or vocabulary)", what)
+
+
+class _StoreWriter:
+    """Writes a base store chunk by chunk into a temporary folder, renamed when complete."""
+
+    def __init__(self, folder: Path, chunks: np.ndarray, n_vocab: int, meta: dict):
+        self.folder = folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".part", dir=folder.parent))
+        ctx = chunks.shape[1]
+        self.rows = ctx - first_scored(ctx) - 1
+        n_rows = len(chunks) * self.rows
+        mm = np.lib.format.open_memmap
+        self.q = mm(self.tmp / "q.npy", mode="w+", dtype=np.uint16, shape=(n_rows, n_vocab))
+        self.top = mm(self.tmp / "top.npy", mode="w+", dtype=np.float32, shape=(n_rows,))
+        self.nll = mm(self.tmp / "nll.npy", mode="w+", dtype=np.float64, shape=(n_rows,))
+        self.argmax = mm(self.tmp / "argmax.npy", mode="w+", dtype=np.int32, shape=(n_rows,))
+        np.save(self.tmp / "tokens.npy", np.ascontiguousarray(chunks, dtype=np.int32))
+        self.meta = dict(meta, format=FORMAT, ctx=int(ctx), n_vocab=int(n_vocab),
+                         n_chunks=int(len(chunks)), window=WINDOW)
+
+    def put(self, index: int, scored_logits: np.ndarray, targets: np.ndarray) -> None:
+        rows = slice(index * self.rows, (index + 1) * self.rows)
+        lp = log_softmax(scored_logits)
+        self.q[rows], self.top[rows] = quantize_logprobs(lp)
+        self.nll[rows] = -lp[np.arange(len(targets)), targets]
+        self.argmax[rows] = np.argmax(scored_logits, axis=1)
+
+    def finish(self) -> Path:
+        for array in (self.q, self.top, self.nll, self.argmax):
+            array.flush()
+        del self.q, self.top, self.nll, self.argmax
+        (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        if self.folder.exists():  # another run finished the same key first
+            shutil.rmtree(self.tmp)
+        else:
+            os.replace(self.tmp, self.folder)
+        return self.folder
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- computing a base --------------------------------------------------------------------------
+def hf_logits(model_dir: str | Path, chunks):
+    """Yield float32 logits ``(ctx, n_vocab)`` of a Hugging Face causal LM for each input chunk.
+
+    ``chunks`` are the token ids as fed to the model (first token already BOS). Runs on CPU
+    in float32, one chunk per forward pass.
+
+    Example::
+
+        for logits in hf_logits("path/to/hf-model", [[1, 403, 407, 261]]):
+            print(logits.shape)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EvalError(f"cannot load the Hugging Face base: {reason}", model_dir)
+    model.eval()
+    with torch.inference_mode():
+        for chunk in chunks:
+            ids = torch.as_tensor(np.asarray(chunk, dtype=np.int64))[None, :]
+            yield model(input_ids=ids).logits[0].float().numpy()
+
+
+def _hf_vocab_size(model_dir: Path) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    config = config.get("text_config", config)
+    return config.get("vocab_size")
+
+
+def ensure_base(base: str | Path, chunks: np.ndarray, n_vocab: int, add_bos: bool = True,
+                bos: int = 1, *, cache_dir: str | Path | None = None, threads: int | None = None,
+                n_batch: int = 2048, gpu_layers: int = 0, progress_factory=None) -> BaseStore:
+    """The cached base log-probs for these chunks, computing them first when missing.
+
+    ``base`` is a GGUF file, a Hugging Face model folder or a cache folder made earlier.
+    ``chunks`` are the original token chunks (as split by :func:`split_chunks`); ``add_bos``
+    and ``bos`` say how the evaluated file prepares them (used for a Hugging Face base,
+    which has no llama.cpp vocabulary of its own).
+
+    Example::
+
+        store = ensure_base("m-F32.gguf", chunks, n_vocab=512)
+    """
+    base = Path(base)
+    kind = base_kind(base)
+    if kind == "cache":
+        store = BaseStore(base)
+        store.check_compatible(chunks, n_vocab, base)
+        return store
+
+    folder = Path(cache_dir or default_cache_dir()) / cache_key(base_fingerprint(base), chunks, n_batch)
+    if (folder / "meta.json").is_file():
+        store = BaseStore(folder)
+        store.check_compatible(chunks, n_vocab, base)
+        return store
+
+    ctx = chunks.shape[1]
+    meta = {"base": str(base.resolve()), "kind": kind}
+    if kind == "hf":
+        hf_vocab = _hf_vocab_size(base)
+        if hf_vocab is not None and hf_vocab != n_vocab:
+            raise EvalError(f"base has another vocabulary ({hf_vocab} tokens, the evaluated files "
+                            f"{n_vocab}); compare files of the same model", base)
+        inputs = [model_inputs(c, add_bos, bos) for c in chunks]
+        first = first_scored(ctx)
+        stream = (logits[first:] for logits in hf_logits(base, inputs))
+        return _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base)
+
+    from shortquant.evaluate.perplexity import chunk_logits, open_for_eval
+
+    with open_for_eval(base, ctx, threads, n_batch=n_batch, n_gpu_layers=gpu_layers) as model:
+        if model.n_vocab != n_vocab:
+            raise EvalError(f"base has another vocabulary ({model.n_vocab} tokens, the evaluated "
+                            f"files {n_vocab}); compare files of the same model", base)
+        stream = (logits for _, logits in chunk_logits(model, chunks))
+        return _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base)
+
+
+def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base) -> BaseStore:
+    writer = _StoreWriter(folder, chunks, n_vocab, meta)
+    bar = progress_factory(len(chunks), f"base {Path(base).name}") if progress_factory else None
+    try:
+        for index, (chunk, logits) in enumerate(zip(chunks, stream)):
+            if logits.shape[-1] != n_vocab:
+                raise EvalError(f"base has another vocabulary ({logits.shape[-1]} logits per "
+                                f"token, the evaluated files {n_vocab})", base)
+            writer.put(index, logits[:-1], scored_targets(chunk))
+            if bar is not None:
+                bar.update(1)
+        return BaseStore(writer.finish())
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# -- comparing -----------------------------------------------------------------------------------
+def compare_chunk(scored_logits: np.ndarray, targets: np.ndarray, store: BaseStore, index: int):
+    """Per-token (kld, delta_p, same_top1, nll, nll_base) of one chunk against the base."""
+    q, top, nll_base, argmax_base = store.chunk(index)
+    lp = log_softmax(scored_logits)
+    lp_base, kept = dequantize_logprobs(q, top)
+    p_base = np.where(kept, np.exp(lp_base), 0.0)
+    kld = (p_base * np.where(kept, lp_base - lp, 0.0)).sum(axis=1)
+    nll = -lp[np.arange(len(targets)), targets]
+    delta_p = np.exp(-nll) - np.exp(-np.asarray(nll_base))
+    same = np.argmax(scored_logits, axis=1) == np.asarray(argmax_base)
+    return kld, delta_p, same, nll, np.asarray(nll_base)
+
+
+class KldStats:
+    """Collects per-token values and summarises them as llama-perplexity's KLD report does."""
+
+    PERCENTILES = {"p99_9": 99.9, "p99": 99.0, "p95": 95.0, "p90": 90.0,
+                   "p10": 10.0, "p5": 5.0, "p1": 1.0}
+
+    def __init__(self):
+        self.kld, self.delta_p, self.same = [], [], []
+
+    def add(self, kld, delta_p, same) -> None:
+        self.kld.append(np.asarray(kld, dtype=np.float64))
+        self.delta_p.append(np.asarray(delta_p, dtype=np.float64))
+        self.same.append(np.asarray(same, dtype=bool))
+
+    @staticmethod
+    def _mean_err(values: np.ndarray) -> tuple[float, float]:
+        # llama.cpp: sqrt((E[x^2] - E[x]^2) / (n - 1)), 0 for ten values or fewer
+        n = values.size
+        mean = float(values.mean())
+        var = float(np.square(values).mean()) - mean * mean
+        return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0
+
+    def summary(self) -> dict:
+        """{"mean","err","p99_9",...,"median",...,"p1","dp_mean","dp_rms","same_top1"}."""
+        kld = np.concatenate(self.kld)
+        delta_p = np.concatenate(self.delta_p)
+        same = np.concatenate(self.same)
+        mean, err = self._mean_err(kld)
+        out = {"mean": mean, "err": err}
+        for name, pct in self.PERCENTILES.items():
+            out[name] = float(np.percentile(kld, pct))
+            if name == "p90":
+                out["median"] = float(np.median(kld))
+        out["dp_mean"] = float(delta_p.mean())
+        out["dp_rms"] = float(math.sqrt(np.square(delta_p).mean()))
+        out["same_top1"] = float(same.mean())
+        return out
