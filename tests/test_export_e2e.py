@@ -214,3 +214,20 @@ def test_interrupt_leaves_no_file(tmp_path, small_tokenizer, monkeypatch):
     result = CliRunner().invoke(main, ["export", str(src), "--out", str(out), "--quant", "q8_0", "--quiet"])
     assert result.exit_code == 130
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_bf16_checkpoint_is_widened_exactly(tmp_path, small_tokenizer, safe):
+    """Released checkpoints are usually bf16/f16: an f32 export holds exactly those values."""
+    import torch
+
+    tok, vocab = small_tokenizer
+    model = build_model(TinySpec(vocab_size=vocab, extra=dict(INIT))).to(torch.bfloat16)
+    src = save_model(model, tmp_path / "src", safe=safe, tokenizer_model=tok)
+    path = export(src, tmp_path / "out", "f32")["f32"]
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    state = model.state_dict()
+    assert np.array_equal(tensors["blk.1.ffn_down.weight"], state["model.layers.1.mlp.down_proj.weight"].float().numpy())
+    assert np.array_equal(tensors["token_embd.weight"], state["model.embed_tokens.weight"].float().numpy())
+    model = model.float()
+    assert np.abs(gguf_logits(path, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-3

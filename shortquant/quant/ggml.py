@@ -205,6 +205,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n_threads: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count: starting threads for every tensor piece adds up."""
+    with _lib_lock:
+        if n_threads not in _pools:
+            _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="ggml-quantize")
+        return _pools[n_threads]
+
+
 def quantize(
     data: np.ndarray,
     qtype: GGMLQuantizationType,
@@ -283,8 +294,7 @@ def quantize(
     if n_threads == 1 or len(tasks) == 1:
         ok = all(run(first, count) for first, count in tasks)
     else:
-        with ThreadPoolExecutor(max_workers=min(n_threads, len(tasks))) as pool:
-            ok = all(pool.map(lambda t: run(*t), tasks))
+        ok = all(_pool(n_threads).map(lambda t: run(*t), tasks))
     if not ok:
         raise QuantError(
             f"ggml rejected the {qtype.name} data it produced (non-finite or out-of-range weights?)"
