@@ -67,7 +67,7 @@ class Recipe:
     name: str
     hub_id: str | None
     basename: str
-    base_model: str
+    base_model: str | None   # None for a model trained from scratch (the demo)
     pruning: Pruning
     license: str
     finetune: str | None = None
@@ -191,7 +191,7 @@ def parse_recipe(data, path: Path) -> Recipe:
         name=_string(data, "name", path, nullable=False),
         hub_id=_string(data, "hub_id", path, nullable=True),
         basename=_string(data, "basename", path, nullable=False),
-        base_model=_string(data, "base_model", path, nullable=False),
+        base_model=_string(data, "base_model", path, nullable=True),
         pruning=_parse_pruning(data["pruning"], path),
         license=license_id,
         finetune=_string(data, "finetune", path, nullable=True),

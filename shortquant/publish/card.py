@@ -325,7 +325,7 @@ def _what_section(models, recipe, meta) -> list[str]:
     source_count = first.get(keys.SOURCE_BLOCK_COUNT)
     if recipe is not None:
         pruned = _hub_link(recipe.hub_id) if recipe.hub_id else f"`{recipe.name}`"
-        base = _hub_link(recipe.base_model)
+        base = _hub_link(recipe.base_model) if recipe.base_model else "a model trained from scratch"
         described = f" ({recipe.base_model_description})" if recipe.base_model_description else ""
         lines.append(f"GGUF files of {pruned}, a depth-pruned model made from {base}{described}, "
                      f"converted and quantized with shortquant for llama.cpp and compatible runtimes.")

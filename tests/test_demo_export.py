@@ -1,0 +1,77 @@
+"""The embedded demo model: `shortquant export` with no source, loaded by llama.cpp.
+
+Greedy text from the exported f16 and q8_0 files is the same as transformers gives for the
+checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from llama_eval import gguf_greedy, gguf_logits, hf_greedy, hf_logits
+from shortquant import keys
+from shortquant.cli import main
+from shortquant.export import DEMO_MODEL
+from shortquant.recipes import load_recipe
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="demo model not built")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(main, ["export", "--quant", "f16", "--quant", "q8_0", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    model = LlamaForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    files = {p.name.rsplit("-", 1)[1].removesuffix(".gguf").lower(): p for p in out.glob("*.gguf")}
+    return model, files
+
+
+def prompt_tokens():
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(DEMO_MODEL / "tokenizer.model"))
+    return [sp.bos_id(), *sp.encode("Once upon a time")]
+
+
+def test_demo_greedy_text_matches_transformers(demo):
+    model, files = demo
+    prompt = prompt_tokens()
+    expected = hf_greedy(model, prompt, 32)
+    for quant in ("f16", "q8_0"):
+        assert gguf_greedy(files[quant], prompt, 32) == expected, quant
+
+
+def test_demo_logits_close_and_provenance(demo):
+    model, files = demo
+    tokens = prompt_tokens() + [5, 60, 200, 300, 7]
+    ref = hf_logits(model, tokens)
+    err = np.abs(gguf_logits(files["f16"], tokens) - ref).max() / np.abs(ref).max()
+    assert err < 0.01
+    recipe = load_recipe("shortquant-demo")
+    reader = gguf.GGUFReader(files["q8_0"])
+    assert reader.get_field(keys.SOURCE_BLOCKS).contents() == list(recipe.kept_blocks)
+    assert reader.get_field(keys.SOURCE_BLOCK_COUNT).contents() == recipe.pruning.source_block_count
+    assert files["q8_0"].name.startswith(f"{recipe.basename}-")
+
+
+def test_demo_kld_orders_the_ladder(tmp_path):
+    """On the demo (widths 256/768, so real K-quants): KLD q2_k > q4_k_m > q8_0 > 0 against f32."""
+    from shortquant.evaluate.runner import evaluate_files
+
+    out = tmp_path / "ladder"
+    args = ["export", "--out", str(out), "--quiet"]
+    for quant in ("f32", "q8_0", "q4_k_m", "q2_k"):
+        args += ["--quant", quant]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    files = {p.name.rsplit("-", 1)[1].removesuffix(".gguf").lower(): p for p in out.glob("*.gguf")}
+    results = evaluate_files([files[q] for q in ("q8_0", "q4_k_m", "q2_k")], None, 128, files["f32"],
+                             threads=1, n_chunks=8, cache_dir=tmp_path / "cache")
+    kld = {r["type"].lower(): r["kld"]["mean"] for r in results["files"]}
+    assert kld["q2_k"] > kld["q4_k_m"] > kld["q8_0"] > 0, kld
