@@ -149,13 +149,16 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--base", metavar="PATH",
               help="KLD reference for --eval: a GGUF or HF folder [default: the f32/f16/bf16 file of this "
                    "ladder, else the source checkpoint].")
+@click.option("--split-max-size", metavar="SIZE",
+              help="Split files larger than SIZE (e.g. 48G, the hub's per-file limit is 50G) in llama.cpp's "
+                   "split format.")
 @click.option("--card", "make_card", is_flag=True,
               help="Write the model card (README.md) and ollama Modelfiles into OUT, ready for `publish`.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
-           make_card, quiet, as_json):
+           split_max_size, make_card, quiet, as_json):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -173,7 +176,11 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model -q f16 -q q8_0 -q q4_k_m --eval --text wiki.test.raw --card
     """
     from .export import export as run_export
+    from .publish.split import parse_size
     from .quant.mixes import QuantOverrides
+
+    if split_max_size:
+        parse_size(split_max_size)   # a bad size fails before any work
 
     overrides = QuantOverrides.parse(output_type=output_type, embedding_type=embedding_type, pure=pure,
                                      tensor_types=list(tensor_types))
@@ -197,6 +204,8 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
         click.echo(f"done in {report.seconds:.1f} s")
     for quant, reason in report.failed.items():
         click.echo(f"error: {quant} failed: {reason}", err=True)
+    if split_max_size:
+        _split_large_files(report, split_max_size, quiet or as_json)
     if evaluate and report.files:
         _evaluate_export(report, path, out_dir, text_path, ctx, base, threads, quiet or as_json)
     if make_card and report.files:
@@ -211,6 +220,22 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
             click.echo(f"card: {readme} (+{len(written) - 1} ollama files)")
     if report.failed:
         sys.exit(2)
+
+
+def _split_large_files(report, max_size: str, quiet: bool) -> None:
+    """--split-max-size: replace each file over the limit by its split parts (first part kept in the report)."""
+    from .publish.split import parse_size, split_gguf
+
+    limit = parse_size(max_size)
+    for f in report.files:
+        if f.bytes <= limit:
+            continue
+        parts = split_gguf(f.path, limit, progress=not quiet)
+        if len(parts) > 1:
+            f.path.unlink()
+            f.path = parts[0]
+            if not quiet:
+                click.echo(f"split into {len(parts)} parts: {parts[0].name} ...")
 
 
 _BASE_PREFERENCE = ("f32", "f16", "bf16")

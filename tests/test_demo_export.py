@@ -75,3 +75,39 @@ def test_demo_kld_orders_the_ladder(tmp_path):
                              threads=1, n_chunks=8, cache_dir=tmp_path / "cache")
     kld = {r["type"].lower(): r["kld"]["mean"] for r in results["files"]}
     assert kld["q2_k"] > kld["q4_k_m"] > kld["q8_0"] > 0, kld
+
+
+def test_split_export_loads_with_same_logits(tmp_path, demo):
+    _, files = demo
+    out = tmp_path / "split"
+    result = CliRunner().invoke(main, ["export", "--quant", "f16", "--out", str(out), "--quiet",
+                                       "--split-max-size", "4M"])
+    assert result.exit_code == 0, result.output
+    parts = sorted(out.glob("*.gguf"))
+    assert len(parts) == 3 and parts[0].name.endswith("-F16-00001-of-00003.gguf")
+    tokens = prompt_tokens() + [5, 60, 200]
+    assert np.array_equal(gguf_logits(parts[0], tokens), gguf_logits(files["f16"], tokens))
+
+
+def test_one_failed_type_leaves_the_others(tmp_path, monkeypatch):
+    """A ladder where one type fails mid-way: the others are finished, the failure is named."""
+    import shortquant.quant.ggml as ggml
+    from shortquant.errors import QuantError
+
+    real = ggml.quantize
+
+    def failing_q4_k(data, qtype, *args, **kwargs):
+        if qtype == gguf.GGMLQuantizationType.Q4_K:
+            raise QuantError("simulated kernel failure")
+        return real(data, qtype, *args, **kwargs)
+
+    monkeypatch.setattr(ggml, "quantize", failing_q4_k)
+    out = tmp_path / "ladder"
+    result = CliRunner().invoke(main, ["export", "--quant", "q8_0", "--quant", "q4_k_m", "--quant", "q6_k",
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 2
+    assert "q4_k_m failed:" in result.stderr and "simulated kernel failure" in result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["Shortquant-Demo-5.0M-stories-Q8_0.gguf", "Shortquant-Demo-5.0M-stories-Q6_K.gguf"])
+    for name in names:
+        assert gguf_greedy(out / name, prompt_tokens(), 4)

@@ -395,7 +395,8 @@ def _files_section(models, measured, recommended, results) -> list[str]:
                        if entry.get("ppl") is not None else "-")
         if has_kld:
             kld = entry.get("kld")
-            row += [f"{kld['mean']:.4f}", f"{100 * kld['same_top1']:.1f} %"] if kld else ["-", "-"]
+            # a file against itself can measure a hair below zero from rounding: show 0
+            row += [f"{max(kld['mean'], 0.0):.4f}", f"{100 * kld['same_top1']:.1f} %"] if kld else ["-", "-"]
         note = TYPE_NOTES.get(model.type, "")
         if model.name == recommended:
             note = f"**recommended**; {note}" if note else "**recommended**"
