@@ -3,7 +3,8 @@
 
 Builds (once, cached in --out-dir) a checkpoint with LLaMA-7B shapes and --blocks blocks of
 seeded random bf16 weights plus the real LLaMA tokenizer from the shared fixtures, then times,
-side by side, each step as its own child process (wall time, CPU time, peak RSS from wait4):
+side by side, each step as its own child process (wall time, CPU time, and peak RSS through
+GNU time, or wait4 where it is missing):
 
   (a) shortquant export SRC --quant q4_k_m
   (b) convert_hf_to_gguf.py SRC --outtype f16, then llama-quantize F16 -> Q4_K_M
