@@ -99,7 +99,7 @@ def make_plan(checkpoint, options) -> ModelPlan:
                 + _provenance_metadata(block_map, recipe))
     return ModelPlan(source=checkpoint.folder, converter=NAME, arch=ARCH, naming=naming, block_map=block_map,
                      hparams=hp, metadata=tuple(metadata), tensors=tuple(tensors), tokenizer=tokenizer,
-                     warnings=block_map.warnings)
+                     warnings=block_map.warnings + tokenizer.warnings)
 
 
 def _hparams(config: dict, path) -> dict:

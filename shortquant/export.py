@@ -1,8 +1,8 @@
 """``export``: open source -> make plan -> stream tensors -> write files.
 
 >>> from shortquant.export import ExportOptions, export
->>> results = export(Path("models/demo"), ExportOptions(quants=("q8_0",), out_dir=Path("gguf")))  # doctest: +SKIP
->>> results[0].path.name
+>>> report = export(Path("models/demo"), ExportOptions(quants=("q8_0",), out_dir=Path("gguf")))  # doctest: +SKIP
+>>> report.files[0].path.name                                                               # doctest: +SKIP
 'Shortquant-Demo-5.0M-stories-Q8_0.gguf'
 """
 
@@ -13,8 +13,8 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -179,8 +179,12 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
             writers[f.quant] = writer
         bar = stack.enter_context(tqdm(total=plan.n_params, unit="w", unit_scale=True, disable=options.quiet,
                                        desc=_bar_label(files), leave=False))
-        for piece, data in read_ahead(lambda p: load_piece(checkpoint, p, options.allow_nonfinite),
-                                      pieces(plan)):
+        todo = pieces(plan)
+        # Two buffers in turn: one piece is quantized while the next is read into the other.
+        largest = max((p.stop - p.start) * (p.tensor.n_elements // max(1, p.tensor.shape[0])) for p in todo)
+        buffers = [np.empty(largest, dtype=np.float32) for _ in range(2)]
+        for piece, data in read_ahead(
+                lambda i: load_piece(checkpoint, todo[i], options.allow_nonfinite, buffers[i % 2]), todo):
             name = piece.tensor.name
             column_weights = (importance or {}).get(name)
             for f in files:
@@ -216,25 +220,30 @@ def _bar_label(files: Sequence[FilePlan]) -> str:
     return f"export {', '.join(labels)}" if len(labels) <= 4 else f"export {len(labels)} types"
 
 
-def read_ahead(load: Callable[[Piece], np.ndarray], items: Sequence[Piece]) -> Iterator[tuple[Piece, np.ndarray]]:
-    """Yield ``(item, load(item))``, loading the next item in a thread meanwhile."""
+def read_ahead(load: Callable[[int], np.ndarray], items: Sequence[Piece]) -> Iterator[tuple[Piece, np.ndarray]]:
+    """Yield ``(items[i], load(i))``, loading item ``i + 1`` in a thread while ``i`` is used.
+
+    ``load(i)`` may reuse the memory of ``load(i - 2)``: that result is no longer in use.
+    """
     if not items:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortquant-read") as pool:
-        future = pool.submit(load, items[0])
+        future = pool.submit(load, 0)
         for i, item in enumerate(items):
             data = future.result()
             if i + 1 < len(items):
-                future = pool.submit(load, items[i + 1])
+                future = pool.submit(load, i + 1)
             yield item, data
 
 
-def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = False) -> np.ndarray:
-    """Read rows of one source tensor as float32, transform them, refuse NaN/Inf unless allowed."""
+def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = False,
+               buffer: np.ndarray | None = None) -> np.ndarray:
+    """Read rows of one source tensor as float32 (into ``buffer`` when given), transform them,
+    refuse NaN/Inf unless allowed."""
     tensor = piece.tensor
     ref = checkpoint.tensors[tensor.source]
     try:
-        data = ref.load_rows(piece.start, piece.stop) if len(tensor.shape) > 1 else ref.load()
+        data = ref.load_rows(piece.start, piece.stop, buffer) if len(tensor.shape) > 1 else ref.load()
     except OSError as exc:
         raise WeightError(f"cannot read tensor {tensor.source!r} ({exc})", ref.path) from None
     if not allow_nonfinite and not np.isfinite(data).all():

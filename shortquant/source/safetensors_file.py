@@ -85,15 +85,16 @@ class _MemmapReader:
     def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
 
-    def __call__(self, start: int, stop: int) -> np.ndarray:
+    def __call__(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
         row = int(np.prod(self.shape[1:], dtype=np.int64))
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
         count = int(np.prod(shape, dtype=np.int64))
         raw = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * row * self.dtype.itemsize,
                         shape=(count,))
+        out = np.empty(count, dtype=np.float32) if buffer is None else buffer[:count]
         if self.dtype == np.dtype("<u2"):  # bf16: the top half of an f32, widened in one pass
-            out = np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+            np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
         else:
-            out = raw.astype(np.float32)
+            np.copyto(out, raw, casting="unsafe")
         del raw
         return out.reshape(shape)

@@ -15,15 +15,19 @@ class TensorRef:
     shape: tuple[int, ...]
     dtype: str                      # source dtype name, e.g. "BF16", "F16", "F32"
     path: Path                      # file holding the bytes
-    reader: Callable[[int, int], np.ndarray] = field(repr=False, compare=False)
+    reader: Callable[[int, int, np.ndarray | None], np.ndarray] = field(repr=False, compare=False)
 
     def load(self) -> np.ndarray:
         """The tensor as a float32 numpy array (a fresh copy)."""
-        return self.reader(0, self.shape[0] if self.shape else 1)
+        return self.reader(0, self.shape[0] if self.shape else 1, None)
 
-    def load_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` (along the first axis) as float32; only those bytes are read."""
-        return self.reader(start, stop)
+    def load_rows(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) as float32; only those bytes are read.
+
+        With ``buffer`` (a flat float32 array at least that large) the rows are widened into it
+        and a view of it is returned: reusing one buffer saves a fresh allocation per piece.
+        """
+        return self.reader(start, stop, buffer)
 
     @property
     def n_elements(self) -> int:

@@ -58,8 +58,13 @@ class _TensorReader:
     def __init__(self, tensor):
         self.tensor = tensor
 
-    def __call__(self, start: int, stop: int) -> np.ndarray:
+    def __call__(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
         import torch
 
         part = self.tensor[start:stop] if self.tensor.dim() else self.tensor
-        return part.detach().to(torch.float32).numpy().copy()
+        rows = part.detach().to(torch.float32).numpy()
+        if buffer is None:
+            return rows.copy()
+        out = buffer[: rows.size].reshape(rows.shape)
+        out[...] = rows
+        return out
