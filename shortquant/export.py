@@ -177,6 +177,7 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
             writer.open()
             stack.callback(writer.abort)   # no-op once committed
             writers[f.quant] = writer
+        write_behind = stack.enter_context(WriteBehind())   # closed (drained) before the aborts run
         bar = stack.enter_context(tqdm(total=plan.n_params, unit="w", unit_scale=True, disable=options.quiet,
                                        desc=_bar_label(files), leave=False))
         todo = pieces(plan)
@@ -195,12 +196,14 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
                 try:
                     encoded = quantize(data, qtype, column_weights if is_quantized(qtype) else None, options.threads,
                                        validate=not options.allow_nonfinite)
-                    writers[f.quant].write(name, encoded)
+                    write_behind.submit(writers[f.quant].write, name, encoded)
                 except QuantError as exc:
                     failed[f.quant] = f"{name}: {exc}"
+                    write_behind.wait()
                     writers[f.quant].abort()
                 seconds[f.quant] += time.perf_counter() - t0
             bar.update(data.size)
+        write_behind.wait()
         exported = []
         for f in files:
             if f.quant in failed:
@@ -213,6 +216,30 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
         quant, reason = next(iter(failed.items()))
         raise QuantError(f"{quant} failed: {reason}")
     return ExportReport(plan=plan, files=exported, failed=failed)
+
+
+class WriteBehind:
+    """Runs writes in one background thread, in order, so the disk works while the next piece
+    is quantized. At most one write is in flight; its error surfaces at the next call."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortquant-write")
+        self._last = None
+
+    def submit(self, write: Callable[..., None], *args) -> None:
+        self.wait()
+        self._last = self._pool.submit(write, *args)
+
+    def wait(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _bar_label(files: Sequence[FilePlan]) -> str:

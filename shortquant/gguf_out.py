@@ -85,7 +85,10 @@ class GGUFFileWriter:
         expected_name, due = self._current
         if name != expected_name or data.nbytes > due:
             raise RuntimeError(f"writer expected {expected_name} ({due} bytes due), got {name} ({data.nbytes})")
-        np.ascontiguousarray(data).tofile(self._fout)
+        try:
+            np.ascontiguousarray(data).tofile(self._fout)
+        except OSError as exc:
+            raise OutputError(f"cannot write ({exc.strerror or exc})", self.part_path) from None
         due -= data.nbytes
         self._current = (name, due) if due else None
         if not due:

@@ -288,8 +288,9 @@ def quantize(
 
     n_threads = threads or default_threads()
     rows_per_task = max(1, -(-_MIN_CHUNK_VALUES // cols))
-    # a few tasks per thread so uneven rows still balance
-    rows_per_task = max(rows_per_task, -(-rows // (n_threads * 4)))
+    # Many small tasks per thread: every call ends at a barrier, and the last task decides
+    # when; short tasks keep the other threads' idle tail short.
+    rows_per_task = max(rows_per_task, -(-rows // (n_threads * 16)))
     tasks = [(r, min(rows_per_task, rows - r)) for r in range(0, rows, rows_per_task)]
     if n_threads == 1 or len(tasks) == 1:
         ok = all(run(first, count) for first, count in tasks)

@@ -1,14 +1,16 @@
-"""Memory-mapped reading of one .safetensors file, with its header checked up front.
+"""Lazy reading of one .safetensors file, with its header checked up front.
 
 We parse the header ourselves (8-byte little-endian length, then JSON) so that a corrupt or
-truncated file is reported as such before any weight is read, and so tensors can be read as
-numpy views of a memory map without materialising the file.
+truncated file is reported as such before any weight is read. Rows are then read on demand
+with plain ``read()`` into a reused per-thread buffer (cheaper than faulting in a fresh memory
+map page by page) and widened to float32, so nothing beyond the rows asked for is held.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +77,12 @@ def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
             raise SourceError(
                 f"truncated safetensors file: {name!r} ends at byte {data_start + end}, file has {size}", path)
         refs[name] = TensorRef(name=name, shape=shape, dtype=dtype_name, path=path,
-                               reader=_MemmapReader(path, data_start + begin, dtype, shape))
+                               reader=_RowReader(path, data_start + begin, dtype, shape))
     return refs
 
 
-class _MemmapReader:
-    """Reads one tensor's bytes from a memory map, widening to float32."""
+class _RowReader:
+    """Reads rows of one tensor from the file, widening to float32."""
 
     def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
@@ -89,12 +91,25 @@ class _MemmapReader:
         row = int(np.prod(self.shape[1:], dtype=np.int64))
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
         count = int(np.prod(shape, dtype=np.int64))
-        raw = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * row * self.dtype.itemsize,
-                        shape=(count,))
+        raw = _staging(count * self.dtype.itemsize).view(self.dtype)[:count]
+        with open(self.path, "rb", buffering=0) as f:   # read(), not mmap: no page fault per 4 KB
+            f.seek(self.offset + start * row * self.dtype.itemsize)
+            if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise OSError(f"short read of {count} values")
         out = np.empty(count, dtype=np.float32) if buffer is None else buffer[:count]
         if self.dtype == np.dtype("<u2"):  # bf16: the top half of an f32, widened in one pass
             np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
         else:
             np.copyto(out, raw, casting="unsafe")
-        del raw
         return out.reshape(shape)
+
+
+_local = threading.local()
+
+
+def _staging(nbytes: int) -> np.ndarray:
+    """A per-thread byte buffer for raw reads, grown as needed and then reused."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _local.buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+    return buf[:nbytes]
