@@ -192,9 +192,23 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
         click.echo(f"warning: {warning}", err=True)
     for quant, reason in report.skipped.items():
         click.echo(f"note: skipped {quant}: {reason}", err=True)
+    if split_max_size:
+        _split_large_files(report, split_max_size, quiet or as_json)
+    _print_export(report, path, as_json, quiet)
+    for quant, reason in report.failed.items():
+        click.echo(f"error: {quant} failed: {reason}", err=True)
+    if evaluate and report.files:
+        _evaluate_export(report, path, out_dir, text_path, ctx, base, threads, quiet or as_json)
+    if make_card and report.files:
+        _write_card(out_dir, options.recipe, quiet or as_json)
+    if report.failed:
+        sys.exit(2)
+
+
+def _print_export(report, source: Path, as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps({
-            "source": str(path), "seconds": round(report.seconds, 3),
+            "source": str(source), "seconds": round(report.seconds, 3),
             "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.bytes, "n_params": f.n_params,
                        "bpw": round(f.bpw, 4)} for f in report.files],
             "failed": report.failed, "skipped": report.skipped}, indent=2))
@@ -202,24 +216,18 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
         for f in report.files:
             click.echo(f"{f.path}  {f.type_label:<8} {f.bytes / 1e6:9.1f} MB  {f.bpw:5.2f} bpw")
         click.echo(f"done in {report.seconds:.1f} s")
-    for quant, reason in report.failed.items():
-        click.echo(f"error: {quant} failed: {reason}", err=True)
-    if split_max_size:
-        _split_large_files(report, split_max_size, quiet or as_json)
-    if evaluate and report.files:
-        _evaluate_export(report, path, out_dir, text_path, ctx, base, threads, quiet or as_json)
-    if make_card and report.files:
-        from .publish.card import write_card
-        from .publish.modelfile import write_modelfiles
 
-        plot = out_dir / "report.png"
-        readme = write_card(out_dir, recipe=options.recipe, plot=plot if plot.exists() else None,
-                            progress=not (quiet or as_json))
-        written = [readme, *write_modelfiles(out_dir)]
-        if not (quiet or as_json):
-            click.echo(f"card: {readme} (+{len(written) - 1} ollama files)")
-    if report.failed:
-        sys.exit(2)
+
+def _write_card(out_dir: Path, recipe, quiet: bool) -> None:
+    """--card: README.md (with the report plot when --eval made one) and ollama files."""
+    from .publish.card import write_card
+    from .publish.modelfile import write_modelfiles
+
+    plot = out_dir / "report.png"
+    readme = write_card(out_dir, recipe=recipe, plot=plot if plot.exists() else None, progress=not quiet)
+    written = [readme, *write_modelfiles(out_dir)]
+    if not quiet:
+        click.echo(f"card: {readme} (+{len(written) - 1} ollama files)")
 
 
 def _split_large_files(report, max_size: str, quiet: bool) -> None:

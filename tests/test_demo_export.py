@@ -111,3 +111,22 @@ def test_one_failed_type_leaves_the_others(tmp_path, monkeypatch):
     assert names == sorted(["Shortquant-Demo-5.0M-stories-Q8_0.gguf", "Shortquant-Demo-5.0M-stories-Q6_K.gguf"])
     for name in names:
         assert gguf_greedy(out / name, prompt_tokens(), 4)
+
+
+def test_export_eval_and_card_in_one_run(tmp_path):
+    """`export ... --eval --card`: results.json, a plot and a card that shows the measurements."""
+    import json
+
+    out = tmp_path / "pub"
+    result = CliRunner().invoke(main, ["export", "-q", "f16", "-q", "q8_0", "--eval", "--ctx", "128", "--card",
+                                       "--threads", "1", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    by_type = {f["type"]: f for f in results["files"]}
+    assert set(by_type) == {"F16", "Q8_0"}
+    assert by_type["F16"]["kld"]["same_top1"] == 1.0             # the base against itself
+    assert 0 < by_type["Q8_0"]["kld"]["mean"] < 0.01
+    assert by_type["Q8_0"]["ppl"] > 1 and by_type["Q8_0"]["speed"]["tg128"]["mean"] > 0
+    card = (out / "README.md").read_text()
+    assert "report.png" in card and f"{by_type['Q8_0']['ppl']:.4f}" in card
+    assert (out / "report.png").stat().st_size > 0
