@@ -110,14 +110,15 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
       shortquant inspect ./st-vicuna-v1.3-5.5b-taylor
       shortquant inspect ./my-sleb-model --source-blocks 0-9,11-31 --quant q4_k_m
     """
-    from .export import make_model_plan, plan_files
-    from .plan import describe, plan_as_dict
+    from .export import make_model_plan
+    from .plan import describe, plan_as_dict, plan_file
+    from .quant.types import parse_quants
     from .source.checkpoint import open_checkpoint
 
     path, options = _options_from(source, recipe, source_blocks, chat_template, name,
                                   quants=tuple(quants), out_dir=Path("."))
     plan = make_model_plan(open_checkpoint(path), options)
-    files, _ = plan_files(plan, options)
+    files = [plan_file(plan, spec, options.out_dir, require_imatrix=False) for spec in parse_quants(list(quants))]
     if as_json:
         click.echo(json.dumps(plan_as_dict(plan, files), indent=2))
     else:

@@ -125,14 +125,13 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
         if isinstance(value, (list, tuple)) and len(value) > 12:
             value = f"[{', '.join(map(str, value[:12]))}, ...] ({len(value)} items)"
         lines.append(f"  {item.key} = {value}")
-    header = f"  {'tensor':<28} {'shape':<14} {'transform':<10} source"
     type_cols = "".join(f" {f.type_label:>8}" for f in files)
     lines.append("tensors:")
-    lines.append(header + type_cols)
+    lines.append(f"  {'tensor':<28} {'shape':<14} {'transform':<10}{type_cols}  source")
     for t in plan.tensors:
         types = "".join(f" {f.tensor_types[t.name].name:>8}" for f in files)
         shape = "x".join(map(str, t.shape))
-        lines.append(f"  {t.name:<28} {shape:<14} {t.transform.value:<10} {t.source}{types}")
+        lines.append(f"  {t.name:<28} {shape:<14} {t.transform.value:<10}{types}  {t.source}")
     for f in files:
         lines.append(f"file: {f.path}  ({f.total_bytes(plan) / 1e6:.1f} MB of tensor data)")
     for w in plan.warnings:
@@ -140,8 +139,12 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
     return "\n".join(lines)
 
 
-def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix: bool = False) -> FilePlan:
+def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix: bool = False,
+              require_imatrix: bool = True) -> FilePlan:
     """Choose every tensor's type for one output type and name the file.
+
+    ``require_imatrix=False`` plans a type that needs an importance matrix without one
+    (to show the plan; writing it still needs the imatrix).
 
     >>> fp = plan_file(plan, "q4_k_m", Path("gguf"))   # doctest: +SKIP
     >>> fp.path.name
@@ -154,7 +157,7 @@ def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix
     hp = plan.hparams
     types = choose_types([(t.name, t.shape) for t in plan.tensors], quant=spec, n_layer=hp["n_layer"],
                          n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], overrides=overrides,
-                         has_imatrix=has_imatrix, arch=plan.arch)
+                         has_imatrix=has_imatrix, arch=plan.arch, require_imatrix=require_imatrix)
     return FilePlan(quant=spec.name, type_label=spec.label, file_type=spec.file_type, tensor_types=types,
                     path=Path(out_dir) / plan.naming.file_name(spec.label))
 

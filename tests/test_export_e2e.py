@@ -231,3 +231,11 @@ def test_bf16_checkpoint_is_widened_exactly(tmp_path, small_tokenizer, safe):
     assert np.array_equal(tensors["token_embd.weight"], state["model.embed_tokens.weight"].float().numpy())
     model = model.float()
     assert np.abs(gguf_logits(path, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-3
+
+
+def test_inspect_shows_types_that_need_an_imatrix():
+    """inspect plans an IQ type without an imatrix (export would refuse it)."""
+    result = CliRunner().invoke(main, ["inspect", "--quant", "iq2_xxs", "--quant", "q4_k_m"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.strip().startswith("blk.0.attn_q.weight"))
+    assert row.split()[3:5] == ["IQ2_XXS", "Q4_K"]
