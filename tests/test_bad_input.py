@@ -239,3 +239,21 @@ def test_imatrix_with_nonfinite_values(tmp_path, src):
     writer.close()
     assert_one_line_error(run_export(src, tmp_path / "o", "--quant", "q8_0", "--imatrix", bad),
                           "nan.imatrix.gguf", "non-finite")
+
+
+def test_hub_id_that_cannot_be_downloaded(tmp_path, monkeypatch):
+    """A source that is no local folder but looks like a hub id is fetched; failure is one line."""
+    import huggingface_hub
+
+    asked = {}
+
+    def offline(repo_id, allow_patterns=None, **kwargs):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        raise OSError("We couldn't connect to the hub\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    result = run_export("nota-ai/st-vicuna-v1.3-5.5b-taylor", tmp_path / "o")
+    assert_one_line_error(result, "nota-ai/st-vicuna-v1.3-5.5b-taylor", "downloading it from the hub failed",
+                          "couldn't connect")
+    assert asked["repo_id"] == "nota-ai/st-vicuna-v1.3-5.5b-taylor" and "*.safetensors" in asked["patterns"]
