@@ -94,7 +94,7 @@ def make_plan(checkpoint, options) -> ModelPlan:
 
     hp["n_layer"] = block_map.block_count
     tokenizer = _read_tokenizer(checkpoint, options, vocab)
-    naming = make_naming(checkpoint.folder, sum(_numel(t.shape) for t in tensors), recipe, options.name)
+    naming = make_naming(checkpoint.folder, sum(t.n_elements for t in tensors), recipe, options.name)
     metadata = (_general_metadata(naming, recipe) + _llama_metadata(hp, checkpoint.config)
                 + _provenance_metadata(block_map, recipe))
     return ModelPlan(source=checkpoint.folder, converter=NAME, arch=ARCH, naming=naming, block_map=block_map,
@@ -149,13 +149,6 @@ def _read_tokenizer(checkpoint, options, vocab: int):
     if template is None and options.recipe is not None:
         template = options.recipe.chat_template
     return read_tokenizer(checkpoint.folder, chat_template=template, vocab_size=vocab)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _general_metadata(naming, recipe) -> list[MetaItem]:

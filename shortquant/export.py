@@ -142,13 +142,22 @@ class Piece:
     start: int
     stop: int
 
+    @property
+    def n_values(self) -> int:
+        return (self.stop - self.start) * _row_length(self.tensor)
+
+
+def _row_length(tensor: TensorPlan) -> int:
+    """Values per row; a 1-D tensor is one row."""
+    return tensor.n_elements // tensor.shape[0] if len(tensor.shape) > 1 else tensor.n_elements
+
 
 def pieces(plan: ModelPlan, chunk_values: int | None = None) -> list[Piece]:
     chunk_values = chunk_values or CHUNK_VALUES
     out = []
     for tensor in plan.tensors:
-        rows = tensor.shape[0] if len(tensor.shape) > 1 else 1
-        cols = tensor.n_elements // rows
+        cols = _row_length(tensor)
+        rows = tensor.n_elements // cols
         unit = row_unit(tensor)
         step = max(unit, chunk_values // cols // unit * unit)
         out.extend(Piece(tensor, lo, min(rows, lo + step)) for lo in range(0, rows, step))
@@ -182,8 +191,7 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
                                        desc=_bar_label(files), leave=False))
         todo = pieces(plan)
         # Two buffers in turn: one piece is quantized while the next is read into the other.
-        largest = max((p.stop - p.start) * (p.tensor.n_elements // max(1, p.tensor.shape[0])) for p in todo)
-        buffers = [np.empty(largest, dtype=np.float32) for _ in range(2)]
+        buffers = [np.empty(max(p.n_values for p in todo), dtype=np.float32) for _ in range(2)]
         for piece, data in read_ahead(
                 lambda i: load_piece(checkpoint, todo[i], options.allow_nonfinite, buffers[i % 2]), todo):
             name = piece.tensor.name
