@@ -35,3 +35,21 @@ def apply_transform(tensor: TensorPlan, rows: np.ndarray) -> np.ndarray:
     if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
         return np.ascontiguousarray(permute_rotary(rows, rows.shape[0] // row_unit(tensor)))
     raise ValueError(f"unknown transform {tensor.transform}")
+
+
+def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of :func:`permute_rotary`: llama.cpp's Q/K row order back to HF's."""
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    return (weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def undo_transform(tensor: TensorPlan, rows: np.ndarray) -> np.ndarray:
+    """Whole rows of ``tensor`` as written (llama.cpp's layout) back in the source's layout."""
+    if tensor.transform is Transform.NONE:
+        return rows
+    if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
+        return np.ascontiguousarray(unpermute_rotary(rows, rows.shape[0] // row_unit(tensor)))
+    raise ValueError(f"unknown transform {tensor.transform}")

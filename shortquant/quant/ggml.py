@@ -301,3 +301,76 @@ def quantize(
             f"ggml rejected the {qtype.name} data it produced (non-finite or out-of-range weights?)"
         )
     return out
+
+
+class _TypeTraits(ctypes.Structure):
+    # ggml.h's struct ggml_type_traits (unchanged since ggml split the CPU backend out, 2024)
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_to_float: dict[GGMLQuantizationType, object] = {}
+
+
+def _to_float_fn(qtype: GGMLQuantizationType):
+    """ggml's own decoder of ``qtype`` blocks (its type traits' ``to_float``)."""
+    lib = _check_type(qtype)
+    with _lib_lock:
+        if qtype not in _to_float:
+            if not hasattr(lib, "ggml_get_type_traits"):
+                raise BackendError("this ggml lacks ggml_get_type_traits; upgrade llama-cpp-python")
+            lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+            lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+            traits = lib.ggml_get_type_traits(int(qtype)).contents
+            if not traits.to_float or traits.blck_size != block_size(qtype):
+                raise BackendError(f"the installed ggml cannot decode {qtype.name}")
+            _to_float[qtype] = _TO_FLOAT(traits.to_float)
+        return _to_float[qtype]
+
+
+def dequantize(encoded: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int,
+               threads: int | None = None) -> np.ndarray:
+    """Decode rows quantized by :func:`quantize` back to float32 with ggml's own kernels.
+
+    ``encoded``: uint8 (rows, row_size(qtype, n_per_row)). Returns float32 (rows, n_per_row):
+    the values llama.cpp computes with.
+
+    >>> import numpy as np, gguf
+    >>> w = np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256)
+    >>> q = quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    >>> float(np.abs(dequantize(q, gguf.GGMLQuantizationType.Q8_0, 256) - w).max()) < 0.01
+    True
+    """
+    qtype = GGMLQuantizationType(qtype)
+    src = np.ascontiguousarray(encoded, dtype=np.uint8)
+    rows = src.shape[0] if src.ndim == 2 else 1
+    nbytes_row = row_size(qtype, n_per_row)
+    if src.size != rows * nbytes_row:
+        raise QuantError(f"{src.size} bytes are not {rows} rows of {n_per_row} {qtype.name} values")
+    if qtype == GGMLQuantizationType.F32:
+        return src.view(np.float32).reshape(rows, n_per_row).copy()
+    decode = _to_float_fn(qtype)
+    out = np.empty((rows, n_per_row), dtype=np.float32)
+    src_ptr, dst_ptr = src.ctypes.data, out.ctypes.data
+    rows_per_task = max(1, -(-_MIN_CHUNK_VALUES // n_per_row))
+
+    def run(first: int) -> None:
+        count = min(rows_per_task, rows - first)
+        decode(src_ptr + first * nbytes_row, dst_ptr + first * n_per_row * 4, count * n_per_row)
+
+    starts = range(0, rows, rows_per_task)
+    n_threads = threads or default_threads()
+    if n_threads == 1 or len(starts) == 1:
+        for first in starts:
+            run(first)
+    else:
+        list(_pool(n_threads).map(run, starts))
+    return out
