@@ -48,6 +48,10 @@ class QuantError(ShortquantError):
     """A quantization type, mix, override or importance matrix is unusable."""
 
 
+class GGUFError(ShortquantError):
+    """A GGUF file is unreadable, inconsistent, holds invalid data or fails its checksum."""
+
+
 class EvalError(ShortquantError):
     """An evaluation input (text, base, GGUF file) is unusable."""
 

@@ -93,7 +93,18 @@ def check_gguf(path: str | Path) -> Path:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
         raise EvalError(f"not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})", path)
+    # Structure checked by us before llama.cpp's C++ loader sees it: a damaged file is one line.
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _checked_structure:
+        from shortquant.gguf_check import check_gguf as check_structure
+
+        check_structure(path, validate_data=False, error=EvalError)
+        _checked_structure.add(key)
     return path
+
+
+_checked_structure: set[tuple] = set()   # files already checked (path, size, mtime): once per run
 
 
 def supports_gpu_offload() -> bool:

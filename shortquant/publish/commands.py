@@ -23,20 +23,27 @@ import click
               help="Who made the quantizations (hub user or organisation).")
 @click.option("--repo", metavar="USER/NAME", help="Hub repo the card is for, used in the run examples.")
 @click.option("--no-modelfile", is_flag=True, help="Do not write ollama Modelfiles and root files.")
+@click.option("--base-model", metavar="USER/NAME",
+              help="Hub id of the model the files were made from (default: the recipe's, or the files').")
+@click.option("--license", "license_id", metavar="ID",
+              help="Hub license id, e.g. mit (default: the recipe's, or the files' general.license).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
-def card_command(outdir, recipe, results_path, plot, quantized_by, repo, no_modelfile, quiet, as_json):
+def card_command(outdir, recipe, results_path, plot, quantized_by, repo, no_modelfile, base_model, license_id,
+                 quiet, as_json):
     """Write README.md (model card) and ollama Modelfiles for the GGUF files in OUTDIR.
 
     \b
     Example:
       shortquant card ./gguf --recipe st-vicuna-v1.3-5.5b-taylor --repo me/st-vicuna-5.5b-GGUF
     """
-    from shortquant.publish.card import write_card
+    from shortquant.publish.card import card_warnings, write_card
     from shortquant.publish.modelfile import write_modelfiles
 
     readme = write_card(outdir, recipe=recipe, results=results_path, quantized_by=quantized_by,
-                        plot=plot, repo=repo, progress=not quiet)
+                        plot=plot, repo=repo, progress=not quiet, base_model=base_model, license=license_id)
+    for warning in card_warnings(readme):
+        click.echo(f"warning: {warning}", err=True)
     written = [readme] + ([] if no_modelfile else write_modelfiles(outdir))
     if as_json:
         click.echo(json.dumps({"written": [str(p) for p in written]}, indent=2))
@@ -92,8 +99,8 @@ def split_command(file, split_max_size, out_dir, remove_original, quiet, as_json
 def publish_command(outdir, repo, private, dry_run, staging_dir, quiet, as_json):
     """Upload OUTDIR (GGUF files, README.md, Modelfiles, results) to a Hugging Face repo.
 
-    The token comes from HF_TOKEN or `hf auth login`. Running it again after an
-    interruption skips what is already uploaded.
+    The token comes from HF_TOKEN or `hf auth login`. Transient hub errors are retried, and
+    running it again after an interruption skips what is already uploaded.
 
     \b
     Examples:
@@ -104,7 +111,7 @@ def publish_command(outdir, repo, private, dry_run, staging_dir, quiet, as_json)
     from shortquant.publish.upload import publish
 
     result = publish(outdir, repo, private=private, dry_run=dry_run, staging_dir=staging_dir,
-                     progress=not quiet)
+                     progress=not quiet, on_warning=lambda text: click.echo(f"warning: {text}", err=True))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return

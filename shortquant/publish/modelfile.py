@@ -77,10 +77,9 @@ def template_family(chat_template: str | None) -> str | None:
 
 def gguf_chat_template(path: str | Path) -> str | None:
     """``tokenizer.chat_template`` of a GGUF file, or None."""
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:
-        raise PublishError(f"not a readable GGUF file ({exc})", path) from None
+    from shortquant.gguf_check import read_gguf_checked
+
+    reader = read_gguf_checked(Path(path), PublishError)   # counts checked first; one line for any damage
     field = reader.fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     return str(field.contents()) if field is not None else None
 

@@ -163,10 +163,9 @@ def split_gguf(path: str | Path, max_size: str | int, *, outdir: str | Path | No
     max_bytes = parse_size(max_size)
     if not path.is_file():
         raise PublishError("no such GGUF file", path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:   # gguf-py raises ValueError/struct.error/... for non-GGUF input
-        raise PublishError(f"not a readable GGUF file ({exc})", path) from None
+    from shortquant.gguf_check import read_gguf_checked
+
+    reader = read_gguf_checked(path, PublishError)   # counts checked first; one line for any damage
     if reader.byte_order != "I":
         raise PublishError("big-endian GGUF files are not supported", path)
     existing = reader.fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
@@ -180,9 +179,14 @@ def split_gguf(path: str | Path, max_size: str | int, *, outdir: str | Path | No
     if len(parts) == 1:
         return [path]
 
+    from shortquant.partfiles import PartLock
+
     total = sum(p.data_bytes for p in parts)
     temp = [p.path.with_name(p.path.name + ".part") for p in parts]
+    locks = []   # held while writing: another run's stale-file sweep leaves these alone
     try:
+        for tmp in temp:
+            locks.append(PartLock.acquire(tmp))
         from tqdm import tqdm
 
         with open(path, "rb") as src, tqdm(total=total, unit="B", unit_scale=True,
@@ -202,8 +206,9 @@ def split_gguf(path: str | Path, max_size: str | int, *, outdir: str | Path | No
     except OSError as exc:
         raise OutputError(f"cannot write split files: {exc.strerror or exc}", target) from None
     finally:
-        for tmp in temp:
+        for tmp, lock in zip(temp, locks):
             tmp.unlink(missing_ok=True)
+            lock.release()
     return [p.path for p in parts]
 
 

@@ -115,13 +115,17 @@ def _token() -> str:
 
 def publish(outdir: str | Path, repo: str, private: bool = False, dry_run: bool = False,
             staging_dir: str | Path | None = None, *, progress: bool = True,
-            commit_message: str | None = None) -> PublishResult:
+            commit_message: str | None = None, on_warning=None, attempts: int = 5,
+            retry_wait: float = 5.0, endpoint: str | None = None) -> PublishResult:
     """Upload ``outdir`` to the model repo ``repo`` (created if missing), or stage it (``dry_run``).
 
     A dry run writes ``staging_dir/upload/`` (the files, as laid out in the repo) and
     ``staging_dir/manifest.json``; ``staging_dir`` defaults to ``<outdir>.staging`` next to
     ``outdir``. A real upload with ``huggingface_hub.upload_folder`` skips files the hub already
-    holds, so running it again after an interruption resumes it.
+    holds, so running it again after an interruption resumes it; transient errors (5xx, 429,
+    dropped connections) are retried that way up to ``attempts`` times, waiting ``retry_wait``
+    seconds and twice as long each time. ``on_warning(text)`` hears about a card without
+    base_model/license and about each retry; ``endpoint`` overrides the hub's address.
 
         >>> publish("out/st-vicuna", "me/st-vicuna-GGUF", private=True)   # doctest: +SKIP
     """
@@ -134,6 +138,12 @@ def publish(outdir: str | Path, repo: str, private: bool = False, dry_run: bool 
         raise PublishError("nothing to upload", outdir)
     if not (outdir / "README.md").is_file():
         raise PublishError("no README.md; write the model card first with `shortquant card`", outdir)
+    token = None if dry_run else _token()   # a missing token fails before anything else is said
+    if on_warning is not None:
+        from shortquant.publish.card import card_warnings
+
+        for warning in card_warnings(outdir / "README.md"):
+            on_warning(warning)
 
     if dry_run:
         staging = Path(staging_dir) if staging_dir is not None else outdir.with_name(outdir.name + ".staging")
@@ -150,21 +160,66 @@ def publish(outdir: str | Path, repo: str, private: bool = False, dry_run: bool 
             raise OutputError(f"cannot stage the upload: {exc.strerror or exc}", staging) from None
         return PublishResult(repo=repo, files=entries, dry_run=True, staging_dir=staging)
 
-    token = _token()
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi(token=token)
+    api = HfApi(token=token, endpoint=endpoint)
     allow = [rel.as_posix() for rel in files]
-    try:
+
+    def upload():
         url = api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo, repo_type="model", folder_path=str(outdir),
-                          allow_patterns=allow,
+        api.upload_folder(repo_id=repo, repo_type="model", folder_path=str(outdir), allow_patterns=allow,
                           commit_message=commit_message or "Upload GGUF files with shortquant")
-    except HfHubHTTPError as exc:
-        # The server's message, never the request headers (they hold the token).
-        raise PublishError(f"upload to {repo} failed: {_first_line(exc)}") from None
-    except Exception as exc:   # network down, DNS, TLS, ... (httpx/requests/OSError)
-        raise PublishError(f"upload to {repo} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        return url
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:   # --quiet silences the hub client's bars too
+        disable_progress_bars()
+    try:
+        url = _with_retries(upload, repo, attempts, retry_wait, on_warning)
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
     entries = [UploadFile(rel.as_posix(), (outdir / rel).stat().st_size, None) for rel in files]
     return PublishResult(repo=repo, files=entries, dry_run=False, url=str(url))
+
+
+# Server answers worth another try: rate limiting and the 5xx family (the hub's load balancers).
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        response = getattr(exc, "response", None)
+        return getattr(response, "status_code", None) in _TRANSIENT_STATUS
+    # Connection refused/reset, timeouts, DNS hiccups: httpx and requests errors, or plain OSError.
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"ConnectionError", "TimeoutException", "Timeout", "NetworkError", "TransportError",
+                         "RemoteProtocolError", "ProtocolError", "TimeoutError"})
+
+
+def _with_retries(upload, repo: str, attempts: int, wait: float, on_warning):
+    """Run ``upload`` until it succeeds, up to ``attempts`` times on transient errors.
+
+    Each new attempt re-runs the whole upload, which resumes it: huggingface_hub skips what the
+    hub already holds (files already committed, LFS/Xet data already uploaded).
+    """
+    import time
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return upload()
+        except Exception as exc:
+            # The server's message, never the request headers (they hold the token).
+            reason = _first_line(exc) if isinstance(exc, HfHubHTTPError) else f"{type(exc).__name__}: {_first_line(exc)}"
+            if not _is_transient(exc) or attempt == attempts:
+                again = " (run it again to resume)" if _is_transient(exc) else ""
+                raise PublishError(f"upload to {repo} failed: {reason}{again}") from None
+            if on_warning is not None:
+                on_warning(f"upload interrupted ({reason}); resuming, attempt {attempt + 1} of {attempts}")
+            time.sleep(wait * 2 ** (attempt - 1))

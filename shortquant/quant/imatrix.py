@@ -92,10 +92,9 @@ def read_imatrix(path: str | Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on corrupt files
-        raise QuantError(f"not a readable GGUF imatrix: {exc}", path) from exc
+    from shortquant.gguf_check import read_gguf_checked
+
+    reader = read_gguf_checked(path, QuantError)   # counts checked first; one line for any damage
 
     def field_value(key):
         f = reader.get_field(key)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LayoutError, SourceError
+from .config_check import check_config
 from .safetensors_file import read_safetensors_index
 from .tensor_ref import TensorRef
 from .torch_bin import read_torch_bin_index
@@ -72,7 +73,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"not valid JSON ({exc})", path) from None
     if not isinstance(config, dict):
         raise ConfigError("not a JSON object", path)
-    return config
+    return check_config(config, path)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -102,7 +103,9 @@ def _shards_from_index(index: Path) -> list[Path]:
     folder = index.parent.resolve()
     shards: list[Path] = []
     for name, shard in weight_map.items():
-        path = (index.parent / str(shard)).resolve()
+        if not isinstance(shard, str) or not shard or "\0" in shard:
+            raise SourceError(f"index entry {name!r} does not name a shard file ({shard!r:.80})", index)
+        path = (index.parent / shard).resolve()
         if folder not in path.parents:
             raise SourceError(f"index entry {name!r} points outside the checkpoint folder ({shard})", index)
         if not path.is_file():

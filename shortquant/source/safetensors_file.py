@@ -63,15 +63,22 @@ def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
         if name == "__metadata__":
             continue
         try:
-            dtype_name = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError):
             raise SourceError(f"corrupt safetensors header entry for {name!r}", path) from None
-        if dtype_name not in _DTYPES:
-            raise SourceError(f"tensor {name!r} has unsupported dtype {dtype_name}", path)
+        # Whole non-negative numbers only (JSON allows 2.5, -3, true and 2**70; none is a size).
+        if (not isinstance(shape, list) or not all(_is_size(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(x) for x in offsets)):
+            raise SourceError(f"corrupt safetensors header entry for {name!r}", path)
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise SourceError(f"tensor {name!r} has unsupported dtype {str(dtype_name)[:20]}", path)
         dtype = _DTYPES[dtype_name]
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+        shape = tuple(shape)
+        begin, end = offsets
+        n_values = 1
+        for d in shape:          # Python ints: a claimed 2**70 values cannot overflow into a small size
+            n_values *= d
+        if end - begin != n_values * dtype.itemsize:
             raise SourceError(f"corrupt safetensors header: size of {name!r} does not match its shape", path)
         if data_start + end > size:
             raise SourceError(
@@ -79,6 +86,10 @@ def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
         refs[name] = TensorRef(name=name, shape=shape, dtype=dtype_name, path=path,
                                reader=_RowReader(path, data_start + begin, dtype, shape))
     return refs
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
 class _RowReader:

@@ -44,9 +44,9 @@ def _load_state_dict(path: Path, torch):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
         raise SourceError(
             f"not a plain weights file; refusing to unpickle code ({first[:160]})", path) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:   # a damaged zip or pickle fails in many ways (KeyError, struct.error, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"cannot read PyTorch weights ({first[:160]})", path) from None
+        raise SourceError(f"cannot read PyTorch weights ({type(exc).__name__}: {first[:160]})", path) from None
 
 
 def _dtype_name(dtype) -> str:
