@@ -18,6 +18,7 @@ Every tag trims whitespace (``{%- -%}``), so the output is the same with or with
 from __future__ import annotations
 
 from shortquant.errors import TokenizerError
+from shortquant.suggest import unknown_name
 
 VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -88,6 +89,5 @@ def chat_template(name: str) -> str | None:
     """
     key = name.strip().lower()
     if key not in CHAT_TEMPLATES:
-        known = ", ".join(sorted(CHAT_TEMPLATES))
-        raise TokenizerError(f"unknown chat template {name!r}; known: {known}")
+        raise TokenizerError(unknown_name("chat template", name, sorted(CHAT_TEMPLATES), listed="known"))
     return CHAT_TEMPLATES[key]

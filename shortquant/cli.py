@@ -97,7 +97,8 @@ def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
 @main.command()
 @_source_options
 @click.option("--quant", "quants", multiple=True, default=("f16",), show_default=True, metavar="TYPE",
-              help="Show the tensor types for this output type (repeatable).")
+              help="Show the tensor types for this output type (repeatable). 'all' is every type but "
+                   "the ternary tq1_0/tq2_0 (only for models trained ternary); name those to see them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json):
     """Show what shortquant sees in SOURCE and what it will write. Reads no weights.
@@ -128,7 +129,8 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @_source_options
 @click.option("--quant", "-q", "quants", multiple=True, default=("f16",), show_default=True, metavar="TYPE",
               help="Output type, llama.cpp's names (f16, q8_0, q4_k_m, ...). Repeat for a ladder; "
-                   "the source is read once.")
+                   "the source is read once. 'all' is every type but the ternary tq1_0/tq2_0, which only "
+                   "suit models trained ternary (BitNet b1.58); name them to get them.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("gguf"),
               show_default=True, help="Folder for the GGUF files.")
 @click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False, exists=True),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import shortquant
 from shortquant.errors import SourceError
+from shortquant.suggest import unknown_name
 
 RECIPES_DIR = Path(shortquant.__file__).resolve().parents[1] / "models" / "recipes"
 
@@ -262,5 +263,4 @@ def load_recipe(name_or_hub_id: str, directory: Path | None = None) -> Recipe:
     for recipe in recipes:
         if recipe.name == stem or (recipe.hub_id and recipe.hub_id.casefold() == folded):
             return recipe
-    known = ", ".join(r.name for r in recipes) or "none"
-    raise RecipeError(f"unknown recipe '{key}' (known: {known})")
+    raise RecipeError(unknown_name("recipe", key, [r.name for r in recipes] or ["none"], listed="known"))

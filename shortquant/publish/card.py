@@ -30,32 +30,52 @@ from shortquant.recipes import Recipe, RecipeError, load_recipe
 DEFAULT_QUANTIZED_BY = "shortquant"
 HUB = "https://huggingface.co"
 
-# What each type is good for, shown when nothing was measured (and next to measurements).
+# What each type is, for the "Use" column: true of the type on any model (sizes and quality
+# on this model are the table's measured columns). One entry per type llama-quantize offers.
+_NEEDS_IMATRIX = "made with an importance matrix (llama.cpp requires one)"
 TYPE_NOTES = {
-    "F32": "full precision; reference",
+    "F32": "full precision; the reference",
     "F16": "16-bit; reference quality",
-    "BF16": "16-bit; reference quality",
-    "Q8_0": "near-lossless",
-    "Q6_K": "very close to 16-bit",
-    "Q5_K_M": "high quality",
-    "Q5_K_S": "high quality, a little smaller",
-    "Q5_0": "legacy 5-bit",
-    "Q5_1": "legacy 5-bit",
-    "Q4_K_M": "good balance of size and quality",
-    "Q4_K_S": "smaller 4-bit, slightly lower quality",
+    "BF16": "16-bit (bfloat); reference quality",
+    "Q8_0": "8-bit; near-lossless",
+    "Q6_K": "6-bit; very close to 16-bit",
+    "Q5_K_M": "5-bit mix; high quality",
+    "Q5_K_S": "5-bit; high quality, a little smaller",
+    "Q5_1": "legacy 5-bit; kept for compatibility",
+    "Q5_0": "legacy 5-bit; kept for compatibility",
+    "Q4_K_M": "4-bit mix; the usual balance of size and quality",
+    "Q4_K_S": "4-bit; a little smaller, slightly lower quality",
+    "Q4_1": "legacy 4-bit; kept for compatibility",
     "Q4_0": "legacy 4-bit; fast on some CPUs",
-    "Q4_1": "legacy 4-bit",
     "IQ4_NL": "4-bit non-linear",
-    "IQ4_XS": "compact 4-bit",
-    "Q3_K_L": "small; noticeable quality loss",
-    "Q3_K_M": "small; noticeable quality loss",
-    "Q3_K_S": "very small; clear quality loss",
-    "Q2_K": "smallest; large quality loss",
+    "IQ4_XS": "compact 4-bit non-linear",
+    "Q3_K_L": "3-bit mix, largest; noticeable quality loss",
+    "Q3_K_M": "3-bit mix; noticeable quality loss",
+    "Q3_K_S": "3-bit; clear quality loss",
+    "IQ3_M": "3-bit i-quant mix; noticeable quality loss",
+    "IQ3_S": "3-bit i-quant; noticeable quality loss",
+    "IQ3_XS": "3-bit i-quant, smaller; clear quality loss",
+    "IQ3_XXS": f"3-bit i-quant, smallest; {_NEEDS_IMATRIX}",
+    "Q2_K": "2-bit mix; large quality loss",
+    "Q2_K_S": f"2-bit, smaller; {_NEEDS_IMATRIX}",
+    "IQ2_M": f"2-bit i-quant; large quality loss; {_NEEDS_IMATRIX}",
+    "IQ2_S": f"2-bit i-quant; large quality loss; {_NEEDS_IMATRIX}",
+    "IQ2_XS": f"2-bit i-quant; large quality loss; {_NEEDS_IMATRIX}",
+    "IQ2_XXS": f"2-bit i-quant; large quality loss; {_NEEDS_IMATRIX}",
+    "IQ1_M": f"1-bit i-quant; for experiments, most quality is lost; {_NEEDS_IMATRIX}",
+    "IQ1_S": f"1-bit i-quant; for experiments, most quality is lost; {_NEEDS_IMATRIX}",
+    "TQ2_0": "ternary; only for models trained ternary (BitNet b1.58), others lose most of their quality",
+    "TQ1_0": "ternary; only for models trained ternary (BitNet b1.58), others lose most of their quality",
 }
 RECOMMENDED_TYPE = "Q4_K_M"
 # With measurements, the recommended file is the smallest whose top-1 token agrees with the
 # reference at least this often.
 RECOMMEND_MIN_TOP1 = 0.90
+
+
+def type_note(type_name: str) -> str:
+    """The "Use" text of a file type; a type newer than this table still gets a true sentence."""
+    return TYPE_NOTES.get(type_name) or f"llama.cpp type {type_name}; see the measured columns"
 
 
 @dataclass
@@ -239,16 +259,42 @@ def _results_by_file(results: dict | None, models: list[GGUFFile]) -> dict[str, 
     return out
 
 
-def _recommended(models: list[GGUFFile], measured: dict[str, dict]) -> str | None:
+def _recommendation(models: list[GGUFFile], measured: dict[str, dict]) -> tuple[str | None, str]:
+    """The recommended file's name and the rule that chose it, as a sentence for the card."""
     agreeing = [m for m in models
                 if (measured.get(m.name) or {}).get("kld")
                 and measured[m.name]["kld"].get("same_top1", 0) >= RECOMMEND_MIN_TOP1]
+    threshold = f"{RECOMMEND_MIN_TOP1:.0%}".replace("%", " %")
     if agreeing:
-        return min(agreeing, key=lambda m: m.bytes).name
+        pick = min(agreeing, key=lambda m: m.bytes)
+        top1 = 100 * measured[pick.name]["kld"]["same_top1"]
+        return pick.name, (f"Recommended file: {pick.type}, the smallest file whose most likely next token "
+                           f"matches the reference's at least {threshold} of the time (measured: {top1:.1f} %).")
+    fallback = next((m for m in models if m.type == RECOMMENDED_TYPE), None)
+    measured_any = any((measured.get(m.name) or {}).get("kld") for m in models)
+    why = (f"no file's most likely next token matches the reference's {threshold} of the time"
+           if measured_any else "nothing was measured against a reference")
+    if fallback is not None:
+        return fallback.name, (f"Recommended file: {RECOMMENDED_TYPE}, the usual balance of size and quality "
+                               f"for llama.cpp ({why}).")
+    return None, f"No file is recommended: {why}, and there is no {RECOMMENDED_TYPE} file."
+
+
+def _recommended(models: list[GGUFFile], measured: dict[str, dict]) -> str | None:
+    return _recommendation(models, measured)[0]
+
+
+def _dominated_by(models: list[GGUFFile], measured: dict[str, dict]) -> dict[str, GGUFFile]:
+    """File name -> the smallest file that is smaller and measures as close to the reference or closer."""
+    kld = {m.name: measured[m.name]["kld"]["mean"] for m in models if (measured.get(m.name) or {}).get("kld")}
+    out = {}
     for model in models:
-        if model.type == RECOMMENDED_TYPE:
-            return model.name
-    return None
+        if model.name not in kld:
+            continue
+        better = [o for o in models if o.name in kld and o.bytes < model.bytes and kld[o.name] <= kld[model.name]]
+        if better:
+            out[model.name] = min(better, key=lambda o: o.bytes)
+    return out
 
 
 def card_metadata(models: list[GGUFFile], recipe: Recipe | None, quantized_by: str) -> dict:
@@ -386,6 +432,7 @@ def _files_section(models, measured, recommended, results) -> list[str]:
         header += ["KLD", "Same top-1"]
     header.append("Use")
     lines = ["## Files", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    dominated = _dominated_by(models, measured)
     for model in models:
         entry = measured.get(model.name, {})
         shown = model.name if not model.is_split else f"{model.name} (+{len(model.parts) - 1} parts)"
@@ -397,12 +444,14 @@ def _files_section(models, measured, recommended, results) -> list[str]:
             kld = entry.get("kld")
             # a file against itself can measure a hair below zero from rounding: show 0
             row += [f"{max(kld['mean'], 0.0):.4f}", f"{100 * kld['same_top1']:.1f} %"] if kld else ["-", "-"]
-        note = TYPE_NOTES.get(model.type, "")
+        note = type_note(model.type)
+        if model.name in dominated:
+            note += f"; here {dominated[model.name].type} is smaller and as close to the reference or closer"
         if model.name == recommended:
-            note = f"**recommended**; {note}" if note else "**recommended**"
+            note = f"**recommended**; {note}"
         row.append(note)
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+    lines += ["", _recommendation(models, measured)[1], ""]
     if results:
         settings = results.get("settings") or {}
         hardware = results.get("hardware") or {}

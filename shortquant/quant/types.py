@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
 from ..errors import QuantError
+from ..suggest import unknown_name
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,16 @@ _TABLE: dict[str, tuple[F, T]] = {
 }
 
 QUANT_NAMES: tuple[str, ...] = tuple(_TABLE)
-"""Every accepted quant name, in the order ``all`` expands to."""
+"""Every accepted quant name, in llama-quantize's order."""
+
+TERNARY_NAMES: tuple[str, ...] = ("tq2_0", "tq1_0")
+"""Ternary types: lossless only for models trained ternary (BitNet b1.58); on any other model
+they destroy most of the quality (mean KLD 0.54 on the demo model), so ``all`` leaves them out.
+shortquant converts LLaMA-family checkpoints, which are never trained ternary, so ``all`` never
+includes them; they stay available by name."""
+
+ALL_NAMES: tuple[str, ...] = tuple(n for n in QUANT_NAMES if n not in TERNARY_NAMES)
+"""What ``all`` expands to: every type but the ternary ones, in llama-quantize's order."""
 
 # Tensor types whose ggml kernels give garbage without an importance matrix (llama.cpp refuses them).
 IMATRIX_REQUIRED_TYPES: frozenset[T] = frozenset(
@@ -94,20 +104,22 @@ def parse_quant(name: str) -> QuantSpec:
     """
     key = name.strip().lower()
     if key not in _TABLE:
-        raise QuantError(f"unknown quantization type {name!r}; valid: {', '.join(QUANT_NAMES)}, all")
+        raise QuantError(unknown_name("quantization type", name, (*QUANT_NAMES, "all")))
     file_type, default_type = _TABLE[key]
     return QuantSpec(key, file_type, default_type)
 
 
 def parse_quants(names: list[str] | tuple[str, ...]) -> list[QuantSpec]:
-    """Several quant names, ``all`` expanding to every one; duplicates dropped, order kept.
+    """Several quant names, ``all`` expanding to every non-ternary one; duplicates dropped, order kept.
 
     >>> [q.name for q in parse_quants(["q8_0", "Q8_0", "q4_k_m"])]
     ['q8_0', 'q4_k_m']
+    >>> "tq1_0" in [q.name for q in parse_quants(["all"])], [q.name for q in parse_quants(["all", "tq1_0"])][-1]
+    (False, 'tq1_0')
     """
     out: dict[str, QuantSpec] = {}
     for name in names:
-        specs = [parse_quant(n) for n in QUANT_NAMES] if name.strip().lower() == "all" else [parse_quant(name)]
+        specs = [parse_quant(n) for n in ALL_NAMES] if name.strip().lower() == "all" else [parse_quant(name)]
         for spec in specs:
             out.setdefault(spec.name, spec)
     return list(out.values())
@@ -121,7 +133,7 @@ def parse_tensor_type(name: str) -> T:
     """
     key = name.strip().lower()
     if key not in _TENSOR_TYPES:
-        raise QuantError(f"unknown tensor type {name!r}; valid: {', '.join(_TENSOR_TYPES)}")
+        raise QuantError(unknown_name("tensor type", name, _TENSOR_TYPES))
     return _TENSOR_TYPES[key]
 
 
