@@ -153,8 +153,10 @@ def _read_legacy(path: Path) -> Imatrix:
         ncall, nval = take("<ii")
         if nval < 1:
             raise QuantError(f"imatrix entry {name} has no values", path)
+        if nval > (len(raw) - pos) // 4:   # checked before reading: the count is the file's claim
+            raise QuantError("truncated legacy imatrix (.dat) file", path)
         values = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos).astype(np.float32)
-        take(f"<{4 * nval}x")
+        pos += 4 * nval
         sums[name] = values.reshape(1, -1)
         counts[name] = np.array([ncall], dtype=np.float32)
     chunk_count, datasets = 0, []

@@ -37,8 +37,8 @@ def read_torch_bin_index(path: Path) -> dict[str, TensorRef]:
 
 
 def _load_state_dict(path: Path, torch):
-    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
+        mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
