@@ -105,7 +105,10 @@ def bench_command(files, gpu_layers, threads, n_prompt, n_gen, reps, output, qui
 @click.option("--title", help="Plot title.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def report_command(results, output, unpruned, x_axis, title, quiet):
-    """Plot size vs KLD and vs perplexity from results.json files, Pareto front marked.
+    """Plot size vs KLD (log axis) and vs perplexity from results.json files.
+
+    Every point is labelled (labels never overlap), the Pareto front is coloured and dominated
+    types are grey; perplexities over 1.2x the best are pinned to the top with their value.
 
     \b
     Example:
