@@ -37,7 +37,7 @@ class GGUFFileWriter:
         self.final_path = Path(file_plan.path)
         self.part_path = self.final_path.with_name(self.final_path.name + PART_SUFFIX)
         # a FilePlan may carry its own extra metadata (an optimized mix's record)
-        self.extra_metadata = tuple(extra_metadata) or tuple(getattr(file_plan, "extra_metadata", ()))
+        self.extra_metadata = tuple(extra_metadata) + tuple(getattr(file_plan, "extra_metadata", ()))
         self.validate_data = validate_data   # off for weights the user allowed to be non-finite
         self._writer: gguf.GGUFWriter | None = None
         self._lock: PartLock | None = None

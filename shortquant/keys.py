@@ -8,3 +8,11 @@ SOURCE_BLOCK_COUNT = "shortquant.source_block_count"    # uint32: blocks in the 
 PRUNING_METHOD = "shortquant.pruning.method"            # string, e.g. "Shortened LLaMA (Taylor+)"
 RECIPE = "shortquant.recipe"                            # string: recipe name used, if any
 VERSION = "shortquant.version"                          # string: the shortquant that wrote the file
+
+# A measured, optimized type mix (shortquant export --optimize / --target-bpw / --target-size)
+OPTIMIZE_BASE_MIX = "shortquant.optimize.base_mix"          # string: standard mix it was compared with
+OPTIMIZE_BUDGET = "shortquant.optimize.budget_bytes"        # uint64: whole-file byte budget
+OPTIMIZE_CALIBRATION = "shortquant.optimize.calibration"    # string: calibration text name and sha256
+OPTIMIZE_KLD = "shortquant.optimize.kld_calibration"        # float32: measured KLD vs the source model
+OPTIMIZE_KLD_BASE = "shortquant.optimize.kld_calibration_base_mix"  # float32: the same for the base mix
+OPTIMIZE_CHANGES = "shortquant.optimize.changes"            # string[]: "tensor=TYPE" where it differs

@@ -1,0 +1,564 @@
+"""Optimized type mixes: measured, solved under an exact byte budget, verified.
+
+``export -q q4_k_m --optimize --calib calib.txt`` (or ``--target-bpw`` / ``--target-size``):
+
+1. **measure**: every quantizable tensor is quantized and decoded by ggml for every candidate
+   type (:mod:`shortquant.quant.sensitivity`), its error weighted by the calibration activations;
+2. **probe**: for the embedding, the output, the blocks next to removed blocks and a sample of
+   the others, one decoded tensor is swapped into the Hugging Face model and the KL divergence on
+   calibration tokens measured (:mod:`shortquant.quant.probe`); KLD / error is that tensor's
+   sensitivity, and unprobed tensors take the median of probed tensors of the same kind;
+3. **solve**: one type per tensor, least predicted KLD, with the whole file (header, metadata,
+   padding) within the budget, counted by planning the file (:mod:`shortquant.quant.solver`);
+4. **verify**: the chosen mix and the standard one are both decoded into the model and measured
+   on calibration chunks the probes did not use; the optimized file is written only when it
+   measures better, else the standard mix is written and a note says so.
+
+The result is a :class:`FilePlan` like any other: the chosen types are fed through
+``choose_types`` as exact ``--tensor-type`` overrides, and the writer adds ``shortquant.optimize.*``
+metadata. Several targets share one measurement (a ladder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType
+
+from .. import keys
+from ..errors import QuantError
+from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan, plan_file
+from .mixes import OUTPUT, TOKEN_EMBD, QuantOverrides, tensor_role
+from .sensitivity import candidate_types, tensor_errors
+from .solver import BudgetTooSmall, Option, solve
+from .types import QuantSpec, is_quantized, parse_quant
+
+# Standard mixes a --target-bpw / --target-size file is compared with (the largest that fits).
+REFERENCE_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0")
+OPT_SUFFIX = "_OPT"
+# Tensors larger than this many values are measured on evenly spaced rows (rows quantize
+# independently, so the sum over a row sample, scaled, estimates the whole).
+SAMPLE_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    calib: Path
+    ctx: int = 256
+    probe_chunks: int = 4        # calibration chunks the probes measure KLD on
+    verify_chunks: int = 4       # further chunks the verification measures on
+    max_probe_blocks: int = 8    # blocks probed tensor by tensor (cut neighbours first)
+    threads: int | None = None
+    quiet: bool = False
+    base_metadata: tuple[MetaItem, ...] = ()   # what export adds to every file (counted in budgets)
+
+
+@dataclass(frozen=True)
+class OptimizeRequest:
+    """What ``export`` was asked to optimize (``ExportOptions.optimize``).
+
+    ``optimize``: every quantized ``--quant`` becomes its optimized variant, within the
+    standard mix's own file size; ``target_bpw`` / ``target_size``: one more file within that
+    budget (bits per weight over all parameters, or whole-file bytes).
+    """
+
+    calib: Path
+    optimize: bool = False
+    target_bpw: float | None = None
+    target_size: int | None = None
+    ctx: int = 256
+    probe_chunks: int = 4
+    verify_chunks: int = 4
+    max_probe_blocks: int = 8
+
+
+def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], options, importance: dict,
+                  base_metadata: Sequence[MetaItem] = ()) -> tuple[list[FilePlan], list["Outcome"]]:
+    """``export``'s optimization step: the file plans to write and what each target gave."""
+    request: OptimizeRequest = options.optimize
+    if options.overrides is not None and getattr(options.overrides, "pure", False):
+        raise QuantError("--optimize and --pure contradict each other (--pure fixes every type)")
+    has_imatrix = options.imatrix is not None
+    targets = make_targets(plan, files, optimize=request.optimize, target_bpw=request.target_bpw,
+                           target_size=request.target_size, out_dir=options.out_dir,
+                           overrides=options.overrides, has_imatrix=has_imatrix, base=base_metadata)
+    if not targets:
+        return list(files), []
+    settings = OptimizeSettings(calib=request.calib, ctx=request.ctx, probe_chunks=request.probe_chunks,
+                                verify_chunks=request.verify_chunks, max_probe_blocks=request.max_probe_blocks,
+                                threads=options.threads, quiet=options.quiet,
+                                base_metadata=tuple(base_metadata))
+    return optimize_files(checkpoint, plan, files, targets, settings, importance, options.out_dir, has_imatrix)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One optimized file: a budget in whole-file bytes and the standard mix it must beat."""
+
+    key: str                      # FilePlan.quant, e.g. "q4_k_m-opt"
+    label: str                    # file-name type label, e.g. "Q4_K_M_OPT"
+    budget: int
+    reference: FilePlan | None    # None: no standard mix fits the budget
+    spec: QuantSpec               # file type (the reference's, else q2_k's)
+
+
+@dataclass(frozen=True)
+class OptimizedFilePlan(FilePlan):
+    """A FilePlan whose writer adds ``extra_metadata`` (the optimizer's record)."""
+
+    extra_metadata: tuple[MetaItem, ...] = ()
+
+
+@dataclass
+class Measurement:
+    """What the model told us: errors per tensor and type, sensitivities, probes."""
+
+    errors: dict[str, dict[T, float]]
+    coef: dict[str, float]                 # predicted KLD per unit of weighted error
+    probes: dict[str, tuple[T, float]]     # probed tensor -> (type, measured KLD)
+    fixed: dict[str, T]                    # tensors that are not quantized (norms) and their type
+    seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """One target's result, for notes, metadata and the benchmark."""
+
+    target: Target
+    file: FilePlan
+    optimized: bool
+    kld: float | None = None            # calibration KLD of the optimized mix
+    kld_reference: float | None = None  # and of the standard mix
+    predicted: float = 0.0
+    bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """For ``export --json``."""
+        ref = self.target.reference
+        return {"target": self.target.label, "budget": self.target.budget, "written": self.file.type_label,
+                "optimized": self.optimized, "bytes": self.bytes, "base_mix": ref.quant if ref else None,
+                "kld_calibration": self.kld, "kld_calibration_base_mix": self.kld_reference,
+                "kld_predicted": self.predicted, "notes": self.notes}
+
+
+# -- budgets, counted by planning the file ------------------------------------------------------
+def _align(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def alignment(plan: ModelPlan) -> int:
+    import gguf
+
+    return next((int(m.value) for m in plan.metadata if m.key == gguf.Keys.General.ALIGNMENT),
+                gguf.GGUF_DEFAULT_ALIGNMENT)
+
+
+def file_bytes(plan: ModelPlan, file_plan: FilePlan, extra: Sequence[MetaItem] | None = None,
+               base: Sequence[MetaItem] = ()) -> int:
+    """The exact size of the GGUF file ``file_plan`` describes (header, metadata, padding),
+    as the writer itself plans it. ``base``: the metadata export adds to every file;
+    ``extra``: this file's own (default: what an OptimizedFilePlan carries)."""
+    from ..gguf_out import GGUFFileWriter
+
+    if extra is None:
+        extra = getattr(file_plan, "extra_metadata", ())
+    bare = FilePlan(quant=file_plan.quant, type_label=file_plan.type_label, file_type=file_plan.file_type,
+                    tensor_types=file_plan.tensor_types, path=file_plan.path)
+    return GGUFFileWriter(plan, bare, tuple(base) + tuple(extra)).planned_size()
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_target_size(text: str) -> int:
+    """Bytes in ``3.2G``, ``900M``, ``1500000`` (decimal units, as llama.cpp's sizes).
+
+    >>> parse_target_size("3.2G")
+    3200000000
+    """
+    m = _SIZE.fullmatch(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise QuantError(f"--target-size wants a size like 3.2G or 900M, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, target_bpw: float | None,
+                 target_size: int | None, out_dir: Path, overrides=None, has_imatrix: bool = False,
+                 base: Sequence[MetaItem] = ()) -> list[Target]:
+    """The optimized files to make: one per quantized file of ``files`` (with ``optimize``),
+    plus one for a bpw or size target."""
+    targets = []
+    if optimize:
+        for f in files:
+            spec = parse_quant(f.quant)
+            if not is_quantized(spec.default_type):
+                continue
+            label = spec.label + OPT_SUFFIX
+            targets.append(Target(f"{spec.name}-opt", label, file_bytes(plan, f, base=base), f, spec))
+    for value, what in ((target_bpw, "bpw"), (target_size, "size")):
+        if value is None:
+            continue
+        if what == "bpw":
+            if not 0 < value <= 32:
+                raise QuantError(f"--target-bpw must be between 0 and 32 bits per weight, got {value}")
+            budget = int(math.floor(value * plan.n_params / 8))
+            label = f"BPW{value:.2f}".replace(".", "_") + OPT_SUFFIX
+        else:
+            budget = int(value)
+            label = f"SIZE{_size_label(budget)}{OPT_SUFFIX}"
+        reference = None
+        for name in REFERENCE_MIXES:
+            fp = plan_file(plan, name, out_dir, overrides, has_imatrix)
+            if file_bytes(plan, fp, base=base) <= budget:
+                reference = fp
+        spec = parse_quant(reference.quant if reference is not None else "q2_k")
+        targets.append(Target(label.lower(), label, budget, reference, spec))
+    return targets
+
+
+def _size_label(n: int) -> str:
+    for unit, scale in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f}".rstrip("0").rstrip(".").replace(".", "_") + unit
+    return str(n)
+
+
+# -- measurement ------------------------------------------------------------------------------------
+def block_of(name: str) -> int | None:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def cut_distance(plan: ModelPlan) -> dict[int, int | None]:
+    """For every written block, how many original positions away the nearest removed block is
+    (1: right next to a cut); None when the pruning is not known."""
+    bm = plan.block_map
+    removed = bm.removed
+    out = {}
+    for n in range(bm.block_count):
+        if not removed or bm.original is None:
+            out[n] = None
+        else:
+            out[n] = min(abs(bm.original[n] - r) for r in removed)
+    return out
+
+
+def probe_blocks(plan: ModelPlan, max_blocks: int) -> list[int]:
+    """Blocks probed tensor by tensor: those next to a cut, the first and last, then evenly
+    spaced others, up to ``max_blocks`` (cut neighbours are never dropped)."""
+    n = plan.block_map.block_count
+    dist = cut_distance(plan)
+    chosen = [b for b in range(n) if dist[b] == 1]
+    for b in (0, n - 1):
+        if b not in chosen:
+            chosen.append(b)
+    k = 1
+    while len(chosen) < min(max_blocks, n):
+        step = (n - 1) / (k + 1)
+        for j in range(1, k + 1):
+            b = int(round(j * step))
+            if b not in chosen and len(chosen) < min(max_blocks, n):
+                chosen.append(b)
+        k += 1
+    return sorted(set(chosen))
+
+
+def _group(name: str, dist: dict[int, int | None]) -> tuple[str, bool]:
+    block = block_of(name)
+    return tensor_role(name), (block is not None and dist.get(block) == 1)
+
+
+def _probe_type(cands: Sequence[T]) -> T:
+    # a type low enough that one tensor's change is well above float noise, common enough to
+    # be realistic: Q3_K for K-type rows, else the smallest 32-block type
+    return T.Q3_K if T.Q3_K in cands else cands[0]
+
+
+def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: OptimizeSettings,
+            extra_types: dict[str, set[T]], has_imatrix: bool) -> Measurement:
+    """Errors of every candidate type of every tensor, and each tensor's sensitivity."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..export import Piece, load_piece
+
+    start = time.perf_counter()
+    fixed_plan = plan_file(plan, "q8_0", Path("."), require_imatrix=False)
+    dist = cut_distance(plan)
+    probed_blocks = set(probe_blocks(plan, settings.max_probe_blocks))
+    probe_slice = slice(0, settings.probe_chunks)
+    errors, probes, fixed, raw_coef = {}, {}, {}, {}
+    quantizable = [t for t in plan.tensors if is_quantized(fixed_plan.tensor_types[t.name])]
+    for t in plan.tensors:
+        if t not in quantizable:
+            fixed[t.name] = fixed_plan.tensor_types[t.name]
+    for t in tqdm(quantizable, desc="measure types", unit="tensor", disable=settings.quiet, leave=False):
+        role = tensor_role(t.name)
+        special = role in (OUTPUT, TOKEN_EMBD)
+        cands = candidate_types(t.shape, has_imatrix=has_imatrix, extra=extra_types.get(t.name, ()),
+                                embedding_or_output=special)
+        data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
+        col_w = prober.col_sq.get(t.source) if role != TOKEN_EMBD else None
+        row_w = prober.token_counts[: t.shape[0]] / max(prober.token_counts.sum(), 1) if role == TOKEN_EMBD else None
+        probe = special or block_of(t.name) in probed_blocks
+        ptype = _probe_type(cands)
+        rows = _sample_rows(t) if role != TOKEN_EMBD else None
+        sample = data if rows is None else data[rows]
+        scale = 1.0 if rows is None else t.shape[0] / len(rows)
+        errs = tensor_errors(sample, cands, importance.get(t.name), col_w, row_w, settings.threads)
+        errors[t.name] = {q: e * scale for q, e in errs.items()}
+        if probe:
+            from ..transforms import undo_transform
+            from .sensitivity import roundtrip
+
+            decoded = roundtrip(data, ptype, importance.get(t.name), settings.threads)
+            prober.set_weight(t.source, undo_transform(t, decoded))
+            kld = prober.kld(probe_slice)
+            prober.restore()
+            probes[t.name] = (ptype, kld)
+            err = errors[t.name][ptype]
+            if err > 0:
+                raw_coef[t.name] = kld / err
+    coef = _spread(plan, quantizable, raw_coef, dist)
+    return Measurement(errors, coef, probes, fixed, time.perf_counter() - start)
+
+
+def _sample_rows(t: TensorPlan) -> np.ndarray | None:
+    if t.n_elements <= SAMPLE_VALUES:
+        return None
+    step = -(-t.n_elements // SAMPLE_VALUES)
+    return np.arange(0, t.shape[0], step)
+
+
+def _spread(plan, quantizable, raw_coef, dist) -> dict[str, float]:
+    """Sensitivity of every tensor: its own when probed, else the median of probed tensors of
+    the same kind and cut neighbourhood, then of the same kind, then of all."""
+    by_group, by_role = {}, {}
+    for name, c in raw_coef.items():
+        by_group.setdefault(_group(name, dist), []).append(c)
+        by_role.setdefault(tensor_role(name), []).append(c)
+    everything = list(raw_coef.values()) or [1.0]
+    out = {}
+    for t in quantizable:
+        if t.name in raw_coef:
+            out[t.name] = raw_coef[t.name]
+            continue
+        pool = by_group.get(_group(t.name, dist)) or by_role.get(tensor_role(t.name)) or everything
+        out[t.name] = statistics.median(pool)
+    return out
+
+
+# -- solving and verifying ------------------------------------------------------------------------
+def exact_overrides(types: dict[str, T]) -> QuantOverrides:
+    """Per-tensor assignments as ``--tensor-type`` rules that match one tensor each."""
+    return QuantOverrides(tensor_types=tuple((f"^{re.escape(name)}$", qtype) for name, qtype in types.items()))
+
+
+def _metadata(target: Target, calib_id: str, changes: Sequence[str],
+              kld: float, kld_reference: float | None) -> tuple[MetaItem, ...]:
+    items = [
+        MetaItem(keys.OPTIMIZE_BASE_MIX, target.reference.quant if target.reference else "", GGUFValueType.STRING),
+        MetaItem(keys.OPTIMIZE_BUDGET, int(target.budget), GGUFValueType.UINT64),
+        MetaItem(keys.OPTIMIZE_CALIBRATION, calib_id, GGUFValueType.STRING),
+        MetaItem(keys.OPTIMIZE_KLD, float(kld), GGUFValueType.FLOAT32),
+    ]
+    if target.reference is not None:
+        items.append(MetaItem(keys.OPTIMIZE_KLD_BASE, float(kld_reference or 0.0), GGUFValueType.FLOAT32))
+    items.append(MetaItem(keys.OPTIMIZE_CHANGES, list(changes) or ["none"], GGUFValueType.ARRAY,
+                          GGUFValueType.STRING))
+    return tuple(items)
+
+
+def _optimized_plan(plan: ModelPlan, target: Target, choice: dict[str, T], out_dir: Path, has_imatrix: bool,
+                    extra: tuple[MetaItem, ...]) -> OptimizedFilePlan:
+    """The chosen types through the standard planning path (exact overrides), renamed."""
+    fp = plan_file(plan, target.spec, out_dir, exact_overrides(choice), has_imatrix)
+    wrong = [n for n, q in choice.items() if fp.tensor_types[n] != q]
+    if wrong:
+        raise QuantError(f"the mix engine did not keep the optimized type of {wrong[0]}")
+    return OptimizedFilePlan(quant=target.key, type_label=target.label, file_type=target.spec.file_type,
+                             tensor_types=fp.tensor_types, path=Path(out_dir) / plan.naming.file_name(target.label),
+                             extra_metadata=extra)
+
+
+def _changes(choice: dict[str, T], reference: FilePlan | None) -> list[str]:
+    if reference is None:
+        return [f"{n}={q.name}" for n, q in choice.items()]
+    return [f"{n}={q.name}" for n, q in choice.items() if reference.tensor_types[n] != q]
+
+
+def solve_target(plan: ModelPlan, target: Target, m: Measurement, settings: OptimizeSettings, calib_id: str,
+                 out_dir: Path, has_imatrix: bool) -> tuple[OptimizedFilePlan, float]:
+    """The optimized file plan within ``target.budget`` bytes (whole file), and its predicted KLD."""
+    probe = OptimizedFilePlan(quant=target.key, type_label=target.label, file_type=target.spec.file_type,
+                              tensor_types={**m.fixed, **{n: next(iter(e)) for n, e in m.errors.items()}},
+                              path=Path(out_dir) / "x.gguf")
+    align_to = alignment(plan)
+    whole = file_bytes(plan, probe, _metadata(target, calib_id, [], 0.0, 0.0), settings.base_metadata)
+    head = whole - sum(_align(probe.tensor_nbytes(t), align_to) for t in plan.tensors)
+    fixed_bytes = sum(_align(probe.tensor_nbytes(t), align_to) for t in plan.tensors if t.name in m.fixed)
+    options = {}
+    for t in plan.tensors:
+        if t.name in m.fixed:
+            continue
+        options[t.name] = [Option(q, _align(_nbytes(t, q), align_to), m.coef[t.name] * e)
+                           for q, e in m.errors[t.name].items()]
+    start = None
+    if target.reference is not None:
+        start = {n: target.reference.tensor_types[n] for n in options}
+    tensor_budget = target.budget - head - fixed_bytes
+    for _ in range(8):   # the list of changes is metadata too: shrink until the whole file fits
+        try:
+            choice = solve(options, tensor_budget, start)
+        except BudgetTooSmall as exc:
+            smallest = exc.smallest + head + fixed_bytes
+            raise QuantError(f"{target.label}: a budget of {target.budget:,} bytes "
+                             f"({target.budget * 8 / plan.n_params:.3f} bpw) is below the smallest reachable "
+                             f"size, {smallest:,} bytes ({smallest * 8 / plan.n_params:.3f} bpw)") from None
+        extra = _metadata(target, calib_id, _changes(choice, target.reference), 0.0, 0.0)
+        fp = _optimized_plan(plan, target, choice, out_dir, has_imatrix, extra)
+        size = file_bytes(plan, fp, base=settings.base_metadata)
+        if size <= target.budget:
+            predicted = sum(o.cost for n, opts in options.items() for o in opts if o.qtype == choice[n])
+            return fp, predicted
+        tensor_budget -= size - target.budget
+    raise QuantError(f"{target.label}: could not fit the file into {target.budget:,} bytes")
+
+
+def smallest_plan(plan: ModelPlan, target: Target, out_dir: Path, has_imatrix: bool) -> FilePlan:
+    """Every quantizable tensor at its smallest candidate type (the least any mix can weigh)."""
+    fixed_plan = plan_file(plan, "q8_0", out_dir, require_imatrix=False)
+    types = {}
+    for t in plan.tensors:
+        if not is_quantized(fixed_plan.tensor_types[t.name]):
+            types[t.name] = fixed_plan.tensor_types[t.name]
+            continue
+        special = tensor_role(t.name) in (OUTPUT, TOKEN_EMBD)
+        types[t.name] = candidate_types(t.shape, has_imatrix=has_imatrix, embedding_or_output=special)[0]
+    return dataclasses.replace(fixed_plan, tensor_types=types)
+
+
+def check_reachable(plan: ModelPlan, target: Target, out_dir: Path, has_imatrix: bool,
+                    base: Sequence[MetaItem] = ()) -> None:
+    """QuantError saying the smallest reachable size when ``target.budget`` is below it."""
+    smallest = file_bytes(plan, smallest_plan(plan, target, out_dir, has_imatrix),
+                          _metadata(target, "", [], 0.0, 0.0), base)
+    if smallest > target.budget:
+        raise QuantError(f"{target.label}: a budget of {target.budget:,} bytes "
+                         f"({target.budget * 8 / plan.n_params:.3f} bpw) is below the smallest reachable "
+                         f"size, {smallest:,} bytes ({smallest * 8 / plan.n_params:.3f} bpw)")
+
+
+def _nbytes(t: TensorPlan, qtype: T) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return t.n_elements // block * size
+
+
+def measure_mix(checkpoint, plan: ModelPlan, prober, types: dict[str, T], importance: dict,
+                which: slice, threads: int | None) -> float:
+    """Calibration KLD of the model with every tensor decoded from ``types``."""
+    from ..export import Piece, load_piece
+    from ..transforms import undo_transform
+    from .sensitivity import roundtrip
+
+    try:
+        for t in plan.tensors:
+            qtype = types[t.name]
+            if not is_quantized(qtype) and qtype == T.F32:
+                continue
+            data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
+            decoded = roundtrip(data.reshape(-1, t.shape[-1]), qtype, importance.get(t.name), threads)
+            prober.set_weight(t.source, undo_transform(t, decoded.reshape(data.shape)))
+        return prober.kld(which)
+    finally:
+        prober.restore()
+
+
+def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targets: Sequence[Target],
+                   settings: OptimizeSettings, importance: dict, out_dir: Path,
+                   has_imatrix: bool) -> tuple[list[FilePlan], list[Outcome]]:
+    """Measure once, then solve and verify every target; ``files`` with each optimized file in
+    place of its standard mix (or added, for bpw/size targets)."""
+    from ..evaluate.perplexity import read_text
+    from .imatrix import chunk_tokens
+    from .probe import Prober, calibration_tokens
+
+    for target in targets:   # before any measuring: a budget nothing can meet is an error at once
+        check_reachable(plan, target, out_dir, has_imatrix, settings.base_metadata)
+    text = read_text(settings.calib)
+    calib_id = f"{Path(settings.calib).name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    tokens, bos = calibration_tokens(plan.source, text)
+    want = settings.probe_chunks + settings.verify_chunks
+    chunks = chunk_tokens(tokens, ctx=settings.ctx, chunks=want, bos_id=bos)
+    if len(chunks) <= settings.probe_chunks:
+        # too short to keep the verification apart: it reuses the probe chunks (and says so)
+        probe_slice = verify_slice = slice(0, len(chunks))
+        settings = dataclasses.replace(settings, probe_chunks=len(chunks))
+        reused = True
+    else:
+        probe_slice, verify_slice = slice(0, settings.probe_chunks), slice(settings.probe_chunks, len(chunks))
+        reused = False
+    del probe_slice
+    prober = Prober(plan.source, chunks, settings.threads)
+    extra_types: dict[str, set[T]] = {}
+    for target in targets:
+        if target.reference is not None:
+            for name, qtype in target.reference.tensor_types.items():
+                extra_types.setdefault(name, set()).add(qtype)
+    m = measure(checkpoint, plan, prober, importance, settings, extra_types, has_imatrix)
+
+    outcomes = []
+    replaced: dict[str, FilePlan] = {}
+    added: list[FilePlan] = []
+    for target in targets:
+        fp, predicted = solve_target(plan, target, m, settings, calib_id, out_dir, has_imatrix)
+        kld = measure_mix(checkpoint, plan, prober, fp.tensor_types, importance, verify_slice, settings.threads)
+        ref_kld = None
+        if target.reference is not None:
+            ref_kld = measure_mix(checkpoint, plan, prober, target.reference.tensor_types, importance,
+                                  verify_slice, settings.threads)
+        extra = _metadata(target, calib_id, _changes(fp.tensor_types, target.reference), kld, ref_kld)
+        fp = dataclasses.replace(fp, extra_metadata=extra)
+        outcome = Outcome(target, fp, True, kld, ref_kld, predicted, file_bytes(plan, fp, base=settings.base_metadata))
+        where = "the probe chunks (text too short to keep them apart)" if reused else "held-apart calibration chunks"
+        if ref_kld is not None and kld >= ref_kld:
+            outcome.file, outcome.optimized = target.reference, False
+            outcome.bytes = file_bytes(plan, target.reference, base=settings.base_metadata)
+            outcome.notes.append(f"{target.label}: the optimized mix measured no better than "
+                                 f"{target.reference.type_label} on {where} (KLD {kld:.5f} vs {ref_kld:.5f}); "
+                                 f"wrote the standard {target.reference.type_label} instead")
+        else:
+            versus = (f", {target.reference.type_label} {ref_kld:.5f} ({(kld / ref_kld - 1) * 100:+.1f}%)"
+                      if ref_kld else " (no standard mix fits this budget to compare with)")
+            outcome.notes.append(f"{target.label}: {outcome.bytes:,} bytes of a {target.budget:,} budget; "
+                                 f"KLD on {where} {kld:.5f}{versus}")
+        outcomes.append(outcome)
+        if target.key.endswith("-opt") and target.reference is not None and target.key[:-4] == target.reference.quant:
+            replaced[target.reference.quant] = outcome.file
+        else:
+            added.append(outcome.file)
+    out = [replaced.get(f.quant, f) for f in files] + [f for f in added if f.quant not in {x.quant for x in files}]
+    return _unique(out), outcomes
+
+
+def _unique(files: list[FilePlan]) -> list[FilePlan]:
+    seen, out = set(), []
+    for f in files:
+        if f.quant not in seen:
+            seen.add(f.quant)
+            out.append(f)
+    return out
