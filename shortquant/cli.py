@@ -22,14 +22,17 @@ class _Group(click.Group):
     """Runs every command under one error handler."""
 
     def invoke(self, ctx):
+        from .signals import exit_code, handle_termination, signal_name
+
         try:
-            return super().invoke(ctx)
+            with handle_termination():   # SIGTERM/SIGHUP clean up like Ctrl-C
+                return super().invoke(ctx)
         except ShortquantError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no partial files were left behind", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo(f"interrupted ({signal_name(exc)}); no partial files were left behind", err=True)
+            sys.exit(exit_code(exc))
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except Exception as exc:  # internal failure: one line unless debugging
@@ -156,11 +159,18 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
                    "split format.")
 @click.option("--card", "make_card", is_flag=True,
               help="Write the model card (README.md) and ollama Modelfiles into OUT, ready for `publish`.")
+@click.option("--base-model", metavar="USER/NAME",
+              help="Hub id these files are made from, for general.base_model and the card "
+                   "[default: from the source's README.md front matter or hub id].")
+@click.option("--license", "license_id", metavar="ID",
+              help="Hub license id (mit, apache-2.0, llama2, other, ...) for general.license and the card "
+                   "[default: from the source's README.md front matter].")
+@click.option("--force", is_flag=True, help="Write even if the free space in OUT looks too small.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
-           split_max_size, make_card, quiet, as_json):
+           split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -188,8 +198,11 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
                                      tensor_types=list(tensor_types))
     path, options = _options_from(source, recipe, source_blocks, chat_template, name, quants=tuple(quants),
                                   out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
-                                  quiet=quiet or as_json, overrides=overrides, imatrix=imatrix)
+                                  quiet=quiet or as_json, overrides=overrides, imatrix=imatrix, force=force,
+                                  base_model=base_model, license=license_id)
     report = run_export(path, options)
+    for stale in report.removed_stale:
+        click.echo(f"note: removed {stale}, left behind by an interrupted run", err=True)
     for warning in report.plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     for quant, reason in report.skipped.items():
@@ -228,6 +241,10 @@ def _write_card(out_dir: Path, recipe, quiet: bool) -> None:
     plot = out_dir / "report.png"
     readme = write_card(out_dir, recipe=recipe, plot=plot if plot.exists() else None, progress=not quiet)
     written = [readme, *write_modelfiles(out_dir)]
+    from .publish.card import card_warnings
+
+    for warning in card_warnings(readme):
+        click.echo(f"warning: {warning}", err=True)
     if not quiet:
         click.echo(f"card: {readme} (+{len(written) - 1} ollama files)")
 
@@ -281,10 +298,11 @@ def recipes():
 def _register_stage_commands() -> None:
     from .evaluate.commands import bench_command, eval_command, report_command
     from .publish.commands import card_command, publish_command, split_command
+    from .publish.verify import verify_command
     from .quant.commands import imatrix_command
 
     for command in (imatrix_command, eval_command, bench_command, report_command, card_command, split_command,
-                    publish_command):
+                    publish_command, verify_command):
         main.add_command(command)
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import OutputError, QuantError, ShortquantError, SourceError, WeightError
+from .errors import GGUFError, OutputError, QuantError, ShortquantError, SourceError, WeightError
 from .gguf_out import GGUFFileWriter
 from .plan import FilePlan, ModelPlan, TensorPlan, plan_file
 from .source.checkpoint import Checkpoint, open_checkpoint
@@ -43,6 +43,9 @@ class ExportOptions:
     overrides: object | None = None                 # shortquant.quant.mixes.QuantOverrides
     imatrix: Path | None = None                     # llama.cpp imatrix file (GGUF or legacy .dat)
     quiet: bool = False
+    force: bool = False                             # write even if the free space looks too small
+    base_model: str | None = None                   # hub id for general.base_model / the card
+    license: str | None = None                      # hub license id for general.license / the card
 
 
 @dataclass
@@ -66,6 +69,7 @@ class ExportReport:
     failed: dict[str, str] = field(default_factory=dict)   # quant -> one-line reason
     skipped: dict[str, str] = field(default_factory=dict)  # quants `all` could not make, and why
     seconds: float = 0.0
+    removed_stale: list[Path] = field(default_factory=list)  # .part files of killed runs, removed
 
 
 def make_model_plan(checkpoint: Checkpoint, options: ExportOptions) -> ModelPlan:
@@ -102,9 +106,12 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
     plan = make_model_plan(checkpoint, options)
     files, skipped = plan_files(plan, options)
     importance = load_importance(options.imatrix, plan) if options.imatrix else {}
-    prepare_out_dir(options.out_dir)
-    report = write_files(checkpoint, plan, files, options, importance)
+    stale = prepare_out_dir(options.out_dir)
+    extra = source_metadata(checkpoint, plan, options)
+    check_space(plan, files, options, extra)
+    report = write_files(checkpoint, plan, files, options, importance, extra)
     report.skipped = skipped
+    report.removed_stale = stale
     report.seconds = time.perf_counter() - start
     return report
 
@@ -117,7 +124,11 @@ def load_importance(path: Path, plan: ModelPlan) -> dict[str, np.ndarray]:
     return match_model(imatrix, {t.name: t.shape for t in plan.tensors}, path)
 
 
-def prepare_out_dir(out_dir: Path) -> None:
+def prepare_out_dir(out_dir: Path) -> list[Path]:
+    """Create ``out_dir``, check it is writable, remove stale ``.part`` files of killed runs
+    (never one a running export holds); return those removed."""
+    from .partfiles import remove_stale_parts
+
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +138,26 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise OutputError("output path exists and is not a folder", out_dir) from None
     except OSError as exc:
         raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out_dir) from None
+    return remove_stale_parts(out_dir)
+
+
+def source_metadata(checkpoint: Checkpoint, plan: ModelPlan, options: ExportOptions) -> tuple:
+    """License, base model, languages and datasets the source's own card gives (or the options),
+    as GGUF metadata the plan does not already hold (a recipe's say wins)."""
+    from .source.model_card import metadata_items, read_source_card
+
+    card = read_source_card(checkpoint.folder, base_model=options.base_model, license=options.license)
+    return tuple(metadata_items(card, {item.key for item in plan.metadata}))
+
+
+def check_space(plan: ModelPlan, files: Sequence[FilePlan], options: ExportOptions,
+                extra_metadata: Sequence = ()) -> int:
+    """Refuse up front when the planned files (exact sizes) do not fit; return the bytes needed."""
+    from .space import check_free_space
+
+    needed = sum(GGUFFileWriter(plan, f, extra_metadata).planned_size() for f in files)
+    check_free_space(options.out_dir, needed, options.force)
+    return needed
 
 
 # Rows are read, converted and quantized in pieces of about this many values (64 MB as f32),
@@ -165,7 +196,8 @@ def pieces(plan: ModelPlan, chunk_values: int | None = None) -> list[Piece]:
 
 
 def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePlan],
-                options: ExportOptions, importance: dict[str, np.ndarray] | None = None) -> ExportReport:
+                options: ExportOptions, importance: dict[str, np.ndarray] | None = None,
+                extra_metadata: Sequence = ()) -> ExportReport:
     """Read every tensor once, in pieces, and write each piece into every file of ``files``.
 
     The next piece is read while the current one is quantized. A failure specific to one file
@@ -182,9 +214,9 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
     seconds = {f.quant: 0.0 for f in files}
     with contextlib.ExitStack() as stack:
         for f in files:
-            writer = GGUFFileWriter(plan, f)
-            writer.open()
-            stack.callback(writer.abort)   # no-op once committed
+            writer = GGUFFileWriter(plan, f, extra_metadata, validate_data=not options.allow_nonfinite)
+            stack.callback(writer.abort)   # no-op once committed; registered first, so an
+            writer.open()                  # interrupted open() leaves nothing either
             writers[f.quant] = writer
         write_behind = stack.enter_context(WriteBehind())   # closed (drained) before the aborts run
         bar = stack.enter_context(tqdm(total=plan.n_params, unit="w", unit_scale=True, disable=options.quiet,
@@ -216,7 +248,12 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
         for f in files:
             if f.quant in failed:
                 continue
-            path = writers[f.quant].commit()
+            try:
+                path = writers[f.quant].commit()   # checks the file before renaming it
+            except GGUFError as exc:
+                failed[f.quant] = str(exc)
+                writers[f.quant].abort()
+                continue
             exported.append(ExportedFile(path=path, quant=f.quant, type_label=f.type_label,
                                          bytes=path.stat().st_size, n_params=plan.n_params,
                                          seconds=seconds[f.quant]))

@@ -127,10 +127,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for index, part in enumerate(parts):
         if not part.is_file():
             raise PublishError(f"split part missing: {part.name}", part.parent)
-        try:
-            reader = gguf.GGUFReader(part)
-        except Exception as exc:
-            raise PublishError(f"not a readable GGUF file ({exc})", part) from None
+        from shortquant.gguf_check import read_gguf_checked
+
+        reader = read_gguf_checked(part, PublishError)   # counts checked first; one line for any damage
         if index == 0:
             metadata = {name: f.contents() for name, f in reader.fields.items()
                         if not name.startswith("GGUF.")}
@@ -297,15 +296,23 @@ def _dominated_by(models: list[GGUFFile], measured: dict[str, dict]) -> dict[str
     return out
 
 
-def card_metadata(models: list[GGUFFile], recipe: Recipe | None, quantized_by: str) -> dict:
-    """The YAML front matter as a dict (keys the hub reads)."""
+def card_metadata(models: list[GGUFFile], recipe: Recipe | None, quantized_by: str, *,
+                  base_model: str | None = None, license: str | None = None) -> dict:
+    """The YAML front matter as a dict (keys the hub reads).
+
+    Base model and license come from ``base_model``/``license`` when given, else the recipe,
+    else the files' own ``general.base_model.*`` / ``general.license`` (which an export takes
+    from the source's README.md front matter). A license nobody stated is ``unknown``, a
+    value the hub accepts, so the card says so rather than leaving the field out.
+    """
     first = models[0] if models else None
-    base_model = None
-    if recipe is not None:
+    if base_model is None and recipe is not None:
         base_model = recipe.hub_id or recipe.base_model
-    elif first is not None:
+    elif base_model is None and first is not None:
         base_model = _base_model_from_gguf(first)
     license_id = recipe.license if recipe else (first.get(gguf.Keys.General.LICENSE) if first else None)
+    if license:
+        license_id = license
     license_name = recipe.license_name if recipe else (first.get(gguf.Keys.General.LICENSE_NAME) if first else None)
     license_link = recipe.license_link if recipe else (first.get(gguf.Keys.General.LICENSE_LINK) if first else None)
     method = recipe.pruning.method if recipe else (first.get(keys.PRUNING_METHOD) if first else None)
@@ -331,11 +338,54 @@ def card_metadata(models: list[GGUFFile], recipe: Recipe | None, quantized_by: s
                 meta["license_name"] = _slug(license_name)
             if license_link:
                 meta["license_link"] = license_link
-    if recipe is not None and recipe.language:
-        meta["language"] = list(recipe.language)
+    else:
+        meta["license"] = UNKNOWN_LICENSE
+    languages = list(recipe.language) if recipe is not None and recipe.language else _gguf_strings(
+        first, gguf.Keys.General.LANGUAGES)
+    if languages:
+        meta["language"] = languages
+    datasets = _gguf_datasets(first)
+    if datasets:
+        meta["datasets"] = datasets
     meta["tags"] = list(dict.fromkeys(tags))
     meta["pipeline_tag"] = "text-generation"
     return meta
+
+
+UNKNOWN_LICENSE = "unknown"
+
+
+def _gguf_strings(model: GGUFFile | None, key: str) -> list[str]:
+    value = model.get(key) if model is not None else None
+    if isinstance(value, str):
+        value = [value]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+
+def _gguf_datasets(model: GGUFFile | None) -> list[str]:
+    if model is None:
+        return []
+    count = model.get(gguf.Keys.General.DATASET_COUNT) or 0
+    names = [model.get(gguf.Keys.General.DATASET_NAME.format(id=i)) for i in range(int(count))]
+    return [str(n) for n in names if n]
+
+
+def missing_metadata(meta: dict) -> list[str]:
+    """Warnings for front matter the hub needs but nobody could tell us."""
+    out = []
+    if not meta.get("base_model"):
+        out.append("the card has no base_model; if the model was made from another one, pass "
+                   "--base-model USER/NAME (or use a source whose README.md names it)")
+    if meta.get("license") in (None, UNKNOWN_LICENSE):
+        out.append("the card's license is unknown (pass --license ID, e.g. mit or apache-2.0)")
+    return out
+
+
+def card_warnings(readme: str | Path) -> list[str]:
+    """``missing_metadata`` of a card on disk (for ``publish``)."""
+    from shortquant.source.model_card import read_front_matter
+
+    return missing_metadata(read_front_matter(Path(readme)))
 
 
 def _front_matter(meta: dict) -> str:
@@ -550,13 +600,15 @@ def _checksum_section(models, progress: bool) -> list[str]:
 
 def write_card(outdir: str | Path, recipe: Recipe | str | None = None, results: dict | str | Path | None = None,
                quantized_by: str = DEFAULT_QUANTIZED_BY, plot: str | Path | None = None, *,
-               repo: str | None = None, progress: bool = True) -> Path:
+               repo: str | None = None, progress: bool = True, base_model: str | None = None,
+               license: str | None = None) -> Path:
     """Write ``outdir/README.md`` for the GGUF files in ``outdir`` and return its path.
 
     ``recipe`` is a :class:`Recipe` or a name/hub id (default: the ``shortquant.recipe`` the
     files record); ``results`` a results.json path or its decoded dict (default:
     ``outdir/results.json`` when present); ``plot`` an image to show (copied into ``outdir``);
-    ``repo`` the hub repo the card will live in, for the run snippets.
+    ``repo`` the hub repo the card will live in, for the run snippets; ``base_model`` and
+    ``license`` override what the recipe and the files say.
 
         >>> write_card("out/st-vicuna", recipe="st-vicuna-v1.3-5.5b-taylor", repo="me/st-vicuna-GGUF")  # doctest: +SKIP
     """
@@ -570,7 +622,7 @@ def write_card(outdir: str | Path, recipe: Recipe | str | None = None, results: 
     results = _resolve_results(results, outdir)
     measured = _results_by_file(results, models)
     recommended = _recommended(models, measured)
-    meta = card_metadata(models, recipe, quantized_by)
+    meta = card_metadata(models, recipe, quantized_by, base_model=base_model, license=license)
 
     body = _what_section(models, recipe, meta)
     body += _files_section(models, measured, recommended, results)
