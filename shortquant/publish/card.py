@@ -265,7 +265,7 @@ def _recommendation(models: list[GGUFFile], measured: dict[str, dict]) -> tuple[
                 and measured[m.name]["kld"].get("same_top1", 0) >= RECOMMEND_MIN_TOP1]
     threshold = f"{RECOMMEND_MIN_TOP1:.0%}".replace("%", " %")
     if agreeing:
-        pick = min(agreeing, key=lambda m: m.bytes)
+        pick = min(agreeing, key=lambda m: (m.bytes, measured[m.name]["kld"]["mean"]))   # a tie: closer wins
         top1 = 100 * measured[pick.name]["kld"]["same_top1"]
         return pick.name, (f"Recommended file: {pick.type}, the smallest file whose most likely next token "
                            f"matches the reference's at least {threshold} of the time (measured: {top1:.1f} %).")
@@ -284,15 +284,17 @@ def _recommended(models: list[GGUFFile], measured: dict[str, dict]) -> str | Non
 
 
 def _dominated_by(models: list[GGUFFile], measured: dict[str, dict]) -> dict[str, GGUFFile]:
-    """File name -> the smallest file that is smaller and measures as close to the reference or closer."""
+    """File name -> the smallest other file no larger and at least as close to the reference (KLD),
+    and better in one of the two: the same rule as the report plot's Pareto front."""
     kld = {m.name: measured[m.name]["kld"]["mean"] for m in models if (measured.get(m.name) or {}).get("kld")}
     out = {}
-    for model in models:
-        if model.name not in kld:
+    for m in models:
+        if m.name not in kld:
             continue
-        better = [o for o in models if o.name in kld and o.bytes < model.bytes and kld[o.name] <= kld[model.name]]
+        better = [o for o in models if o.name in kld and o.name != m.name and o.bytes <= m.bytes
+                  and kld[o.name] <= kld[m.name] and (o.bytes < m.bytes or kld[o.name] < kld[m.name])]
         if better:
-            out[model.name] = min(better, key=lambda o: o.bytes)
+            out[m.name] = min(better, key=lambda o: (o.bytes, kld[o.name]))
     return out
 
 
@@ -496,7 +498,7 @@ def _files_section(models, measured, recommended, results) -> list[str]:
             row += [f"{max(kld['mean'], 0.0):.4f}", f"{100 * kld['same_top1']:.1f} %"] if kld else ["-", "-"]
         note = type_note(model.type)
         if model.name in dominated:
-            note += f"; here {dominated[model.name].type} is smaller and as close to the reference or closer"
+            note += f"; here {dominated[model.name].type} is no larger and at least as close to the reference"
         if model.name == recommended:
             note = f"**recommended**; {note}"
         row.append(note)
