@@ -1,25 +1,7 @@
-"""Source families: one module each, all behind the same two calls.
+"""Where the source families live: ``shortquant/families/`` (one module per family).
 
-A converter module exposes ``NAME``, ``recognises(checkpoint) -> bool`` and
-``make_plan(checkpoint, options) -> ModelPlan``. ``find_converter`` picks the first that
-recognises a checkpoint; adding a family means adding a module to ``CONVERTERS``.
+This folder is kept as the place people look for converters; the code is inside the package so
+that it installs under ``shortquant`` instead of a top-level ``converters`` name other packages use.
 """
 
-from __future__ import annotations
-
-from shortquant.errors import ConfigError
-
-from . import llama_hf
-
-CONVERTERS = (llama_hf,)
-
-
-def find_converter(checkpoint):
-    """The converter module for ``checkpoint``, or ConfigError listing what is supported."""
-    for converter in CONVERTERS:
-        if converter.recognises(checkpoint):
-            return converter
-    archs = checkpoint.config.get("architectures") or [checkpoint.config.get("model_type", "unknown")]
-    supported = ", ".join(a for c in CONVERTERS for a in c.SUPPORTED_ARCHITECTURES)
-    raise ConfigError(f"unsupported architecture {', '.join(map(str, archs))}; supported: {supported}",
-                      checkpoint.folder / "config.json")
+from shortquant.families import FAMILIES, find_family, make_model_plan  # noqa: F401

@@ -35,6 +35,11 @@ class TensorPlan:
     kind: gguf.MODEL_TENSOR         # what the tensor is, for shape checks and type rules
     transform: Transform = Transform.NONE
     heads: int | None = None        # head count used by the permutation
+    values: tuple[float, ...] | None = None   # a tensor computed from the config, not read
+
+    @property
+    def computed(self) -> bool:
+        return self.values is not None
 
     @property
     def n_elements(self) -> int:
@@ -105,7 +110,7 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
     """A human-readable account of every decision, as ``shortquant inspect`` prints it."""
     lines = [
         f"source:     {plan.source}",
-        f"converter:  {plan.converter}",
+        f"family:     {plan.converter}",
         f"arch:       {plan.arch}",
         f"name:       {plan.naming.name}  (basename {plan.naming.basename}, size {plan.naming.size_label}"
         + (f", finetune {plan.naming.finetune}" if plan.naming.finetune else "")
@@ -116,9 +121,12 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
     ]
     if plan.tokenizer is not None:
         tok = plan.tokenizer
-        lines.append(f"tokenizer:  {len(tok.tokens)} tokens, bos={tok.bos_id} eos={tok.eos_id} "
-                     f"unk={tok.unk_id} pad={tok.pad_id}, chat template: "
-                     f"{'yes' if tok.chat_template else 'none'}")
+        kind = f"BPE (gpt2, pre-tokenizer {tok.pre}, {len(tok.merges)} merges)" if tok.merges or tok.model == "gpt2" \
+            else "sentencepiece (llama)"
+        lines.append(f"tokenizer:  {kind}, {len(tok.tokens)} tokens, bos={tok.bos_id} eos={tok.eos_id} "
+                     + (f"eot={tok.eot_id} " if tok.eot_id is not None else "")
+                     + f"unk={tok.unk_id} pad={tok.pad_id}, add_bos={tok.add_bos}, chat template: "
+                     f"{tok.chat_template_source or 'none'}")
     lines.append("metadata:")
     for item in plan.metadata:
         value = item.value
@@ -146,9 +154,14 @@ def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix
     ``require_imatrix=False`` plans a type that needs an importance matrix without one
     (to show the plan; writing it still needs the imatrix).
 
-    >>> fp = plan_file(plan, "q4_k_m", Path("gguf"))   # doctest: +SKIP
-    >>> fp.path.name
-    'St-Vicuna-v1.3-5.5B-taylor-Q4_K_M.gguf'
+    >>> from shortquant.export import ExportOptions, make_model_plan
+    >>> from shortquant.recipes import load_recipe
+    >>> from shortquant.resources import demo_model
+    >>> from shortquant.source.checkpoint import open_checkpoint
+    >>> options = ExportOptions(recipe=load_recipe("shortquant-demo"))
+    >>> plan = make_model_plan(open_checkpoint(demo_model()), options)
+    >>> plan_file(plan, "q4_k_m", Path("gguf")).path.name
+    'Shortquant-Demo-5.0M-stories-Q4_K_M.gguf'
     """
     from .quant.mixes import choose_types
     from .quant.types import parse_quant
@@ -177,5 +190,6 @@ def plan_as_dict(plan: ModelPlan, files: list[FilePlan] = ()) -> dict[str, Any]:
         "tensors": [{"name": t.name, "source": t.source, "shape": list(t.shape), "transform": t.transform.value,
                      "types": {f.quant: f.tensor_types[t.name].name for f in files}} for t in plan.tensors],
         "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.total_bytes(plan)} for f in files],
+        "tokenizer": plan.tokenizer.summary() if plan.tokenizer is not None else None,
         "warnings": list(plan.warnings),
     }

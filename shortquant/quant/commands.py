@@ -7,43 +7,61 @@ from pathlib import Path
 
 import click
 
-from ..errors import SourceError, TokenizerError
+from ..errors import ShortquantError, SourceError, TokenizerError
 
 
 @click.command("imatrix")
-@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("model_dir", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration text (UTF-8).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write the imatrix (GGUF). Default: MODEL_DIR/imatrix.gguf.")
+              help="Where to write the imatrix (GGUF). Default: MODEL/imatrix.gguf for a folder, "
+                   "MODEL's name with .imatrix.gguf beside a GGUF file.")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk (llama-imatrix's -c).")
 @click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads (default: torch's choice for a folder, all cores for a GGUF).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: int, chunks: int | None,
                     threads: int | None, quiet: bool, as_json: bool) -> None:
-    """Compute an importance matrix from a Hugging Face model with torch.
+    """Compute an importance matrix from a GGUF file (llama.cpp) or a Hugging Face folder (torch).
 
-    Runs the calibration text through MODEL_DIR in chunks of --ctx tokens (each starting with
+    Runs the calibration text through MODEL in chunks of --ctx tokens (each starting with
     BOS) and records, for every linear layer of every block, the sum of squared inputs per
     column and the token count: llama-imatrix's statistics, written in its GGUF format, so
     `shortquant export --imatrix` and llama-quantize both accept the file.
 
     \b
-    Example:
-      shortquant imatrix ./Shortened-LLaMA-5.5B --text calibration.txt \\
+    Which to use:
+      MODEL.gguf   llama.cpp's own forward pass (as llama-imatrix, through its evaluation
+                   callback): the faster and leaner choice whenever llama.cpp loads the model.
+                   Use the F16 (or BF16/F32) export of the same checkpoint: the entries carry
+                   the GGUF's tensor names, which are the names every quantized export has.
+      MODEL/       a Hugging Face folder, run with torch (bf16 models stay bf16): for
+                   checkpoints llama.cpp cannot load, or before any GGUF exists.
+
+    \b
+    Examples:
+      shortquant export ./Shortened-LLaMA-5.5B --quant f16 --out gguf/
+      shortquant imatrix gguf/Shortened-LLaMA-5.5B-F16.gguf --text calibration.txt \\
           -o shortened.imatrix.gguf --ctx 512 --chunks 100
+      shortquant imatrix ./Shortened-LLaMA-5.5B --text calibration.txt -o shortened.imatrix.gguf
     """
+    if model_dir.is_file():
+        _imatrix_from_gguf(model_dir, text_file, output, ctx, chunks, threads, quiet, as_json)
+        return
     import torch
 
     from .imatrix import compute_imatrix, write_imatrix
 
     if not model_dir.is_dir():
         raise SourceError("not a model folder", model_dir)
-    tokenizer_file = model_dir / "tokenizer.model"
-    if not tokenizer_file.is_file():
-        raise TokenizerError("no tokenizer.model (sentencepiece) in the model folder", model_dir)
+    from ..tokenizer import tokenizer_kind
+
+    if tokenizer_kind(model_dir) is None:
+        raise TokenizerError("no tokenizer.model (sentencepiece) or tokenizer.json (BPE) in the model folder",
+                             model_dir)
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -52,7 +70,7 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
     if threads:
         torch.set_num_threads(threads)
 
-    tokens, bos_id = _tokenize(tokenizer_file, text)
+    tokens, bos_id = _tokenize(model_dir, text)
     model = _load_model(model_dir)
     result = compute_imatrix(model, tokens, ctx=ctx, chunks=chunks, bos_id=bos_id,
                              dataset=text_file.name, progress=not (quiet or as_json))
@@ -66,24 +84,52 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
                    f"to {output}")
 
 
-def _tokenize(tokenizer_file: Path, text: str) -> tuple[list[int], int | None]:
-    """Token ids as llama.cpp tokenizes a prompt: BOS first (when the vocabulary has one)."""
-    import sentencepiece
+def _tokenize(model_dir: Path, text: str) -> tuple[list[int], int | None]:
+    """Token ids as llama.cpp tokenizes a prompt: BOS first (when the tokenizer adds one)."""
+    from ..tokenizer.encode import encode_text
 
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
-    except (OSError, RuntimeError) as exc:
-        raise TokenizerError(f"cannot load sentencepiece model: {exc}", tokenizer_file) from exc
-    bos = sp.bos_id()
-    bos_id = bos if bos >= 0 else None
-    return ([bos_id] if bos_id is not None else []) + sp.encode(text), bos_id
+    return encode_text(model_dir, text)
 
 
 def _load_model(model_dir: Path):
+    """The model in bf16 when it is stored in bf16 (no float32 copy), else in float32
+    (float16 matmuls on CPU are slow and round more than llama.cpp's float32 activations)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        config = AutoConfig.from_pretrained(model_dir)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float32
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise SourceError(f"transformers cannot load the model: {exc}", model_dir) from exc
+
+
+def _imatrix_from_gguf(path: Path, text_file: Path, output: Path | None, ctx: int, chunks: int | None,
+                       threads: int | None, quiet: bool, as_json: bool) -> None:
+    """``imatrix`` on a GGUF file: llama.cpp evaluates it and tokenizes with its own vocabulary."""
+    from ..evaluate.llama_backend import check_gguf
+    from .imatrix import write_imatrix
+    from .imatrix_llama import compute_imatrix_gguf, gguf_tokens
+
+    try:
+        check_gguf(path)
+    except ShortquantError as exc:  # EvalError; here a bad MODEL is a bad source
+        raise SourceError(str(exc).removeprefix(f"{path}: "), path) from exc
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read calibration text: {exc}", text_file) from exc
+    output = output or path.with_name(path.name.removesuffix(".gguf") + ".imatrix.gguf")
+    tokens = gguf_tokens(path, text)
+    result = compute_imatrix_gguf(path, tokens, ctx=ctx, chunks=chunks, threads=threads,
+                                  dataset=text_file.name, progress=not (quiet or as_json))
+    write_imatrix(output, result)
+    summary = {"output": str(output), "entries": len(result.sums), "chunks": result.chunk_count,
+               "ctx": ctx, "tokens": len(tokens)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        click.echo(f"wrote {summary['entries']} entries from {summary['chunks']} chunks of {ctx} tokens "
+                   f"to {output}")

@@ -1,0 +1,21 @@
+"""LLaMA-style checkpoints -> llama.cpp's ``llama``: LLaMA 1/2, Vicuna, Shortened LLaMA,
+Llama-3.x (``llama3`` rope scaling as the ``rope_freqs`` tensor), Mistral v0.1-v0.3, SmolLM,
+Minitron (explicit ``head_dim``)."""
+
+from __future__ import annotations
+
+from gguf import MODEL_ARCH
+
+from .family import LLAMA_BLOCK, Family
+from .hparams import llama3_rope_factors, llama_style_hparams, rope_scaling_metadata
+
+FAMILY = Family(
+    name="llama",
+    architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    model_types=("llama", "mistral"),
+    arch=MODEL_ARCH.LLAMA,
+    block_tensors=LLAMA_BLOCK,
+    hparams=llama_style_hparams,
+    extra_tensors=llama3_rope_factors,
+    extra_metadata=lambda hp, config, key: rope_scaling_metadata(config, key, ("linear", "yarn", "llama3")),
+)
