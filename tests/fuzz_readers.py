@@ -18,9 +18,7 @@ Run in a subprocess by tests/test_fuzz.py; a crash then names the case it died i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import random
 import resource
 import shutil

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 HARNESS = Path(__file__).with_name("fuzz_readers.py")
 SEED = int(os.environ.get("SHORTQUANT_FUZZ_SEED", "0"))
