@@ -162,14 +162,14 @@ def _limits(values: list[float], log: bool, pad: float) -> tuple[float, float]:
 
 def _set_log_ticks(axis) -> None:
     """Plain numbers (3, 4, 6, 8, 16) instead of 10^x on a log bits-per-weight axis."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     low, high = axis.get_view_interval()
     candidates = [1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
     ticks = [t for t in candidates if low <= t <= high]
     if len(ticks) >= 3:
         axis.set_major_locator(FixedLocator(ticks))
-        axis.set_major_formatter(ScalarFormatter())
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_minor_locator(NullLocator())
 
 
@@ -243,6 +243,8 @@ def report_figure(results: list[dict], *, unpruned: dict | None = None, x_axis: 
     files = [f for data in results for f in _files_of(data)]
     unpruned_files = _files_of(unpruned) if unpruned else []
     x_label, x_of = X_AXES[x_axis]
+    if x_axis == "size" and all(f["bytes"] < 1 << 30 for f in files + unpruned_files):
+        x_label, x_of = "file size (MiB)", lambda f: f["bytes"] / (1 << 20)   # small models: readable ticks
     panels = [panel for key in Y_AXES if (panel := _make_panel(key, files, unpruned_files, x_of))]
     if not panels:
         raise EvalError("nothing to plot: the results have neither KLD nor perplexity values")
