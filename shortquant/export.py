@@ -22,12 +22,9 @@ import numpy as np
 from .errors import GGUFError, OutputError, QuantError, ShortquantError, SourceError, WeightError
 from .gguf_out import GGUFFileWriter
 from .plan import FilePlan, ModelPlan, TensorPlan, plan_file
+from .resources import DEMO_RECIPE, demo_model, is_demo_model
 from .source.checkpoint import Checkpoint, open_checkpoint
 from .transforms import apply_transform, row_unit
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO_ROOT / "models" / "demo"
-DEMO_RECIPE = "shortquant-demo"
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,9 @@ class ExportReport:
 
 
 def make_model_plan(checkpoint: Checkpoint, options: ExportOptions) -> ModelPlan:
-    from converters import find_converter
+    from .families import make_model_plan as plan_for_family
 
-    return find_converter(checkpoint).make_plan(checkpoint, options)
+    return plan_for_family(checkpoint, options)
 
 
 def plan_files(plan: ModelPlan, options: ExportOptions) -> tuple[list[FilePlan], dict[str, str]]:
@@ -333,15 +330,19 @@ _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.
 def resolve_source(source: str | None) -> tuple[Path, str | None]:
     """The checkpoint folder to read and the recipe it implies.
 
-    No source: the embedded demo model. A local folder whose name is a known release's: that
-    release's recipe. A hub id (``nota-ai/st-vicuna-v1.3-5.5b-taylor``) that is not a local
-    path: downloaded with huggingface_hub, with its recipe when it is a known release.
+    No source, or the demo model's own folder: the embedded demo model with its recipe. A local
+    folder whose name is a known release's: that release's recipe. A hub id
+    (``nota-ai/st-vicuna-v1.3-5.5b-taylor``) that is not a local path: downloaded with
+    huggingface_hub, with its recipe when it is a known release.
     """
     if source is None:
-        if not (DEMO_MODEL / "config.json").is_file():
-            raise ShortquantError("the embedded demo model is missing from this installation", DEMO_MODEL)
-        return DEMO_MODEL, DEMO_RECIPE
+        demo = demo_model()
+        if not (demo / "config.json").is_file():
+            raise ShortquantError("the embedded demo model is missing from this installation", demo)
+        return demo, DEMO_RECIPE
     path = Path(source)
+    if is_demo_model(path):   # the same folder, the same plan, whichever way it is named
+        return demo_model(), DEMO_RECIPE
     if path.exists():
         return path, _known_recipe(path.resolve().name)
     if _HUB_ID.match(source):

@@ -19,8 +19,10 @@ _SIZE_TOKEN = re.compile(r"^\d+(\.\d+)?[KMBT]$", re.IGNORECASE)
 
 
 def size_label(n_params: int) -> str:
-    """>>> size_label(5_496_000_000)
-    '5.5B'
+    """The GGUF size label of the parameters written, as llama.cpp's converter rounds it.
+
+    >>> size_label(5_496_000_000), size_label(4_984_064)
+    ('5.5B', '5.0M')
     """
     return gguf.utility.size_label(n_params, n_params, 0, 0)
 

@@ -20,11 +20,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import shortquant
 from shortquant.errors import SourceError
+from shortquant.resources import recipes_dir
 from shortquant.suggest import unknown_name
 
-RECIPES_DIR = Path(shortquant.__file__).resolve().parents[1] / "models" / "recipes"
+RECIPES_DIR = recipes_dir()
 
 # Keys of a recipe file: required ones must be present (null allowed where the schema says so).
 _REQUIRED = ("name", "hub_id", "basename", "base_model", "pruning", "license")

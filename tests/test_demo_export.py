@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from llama_eval import gguf_greedy, gguf_logits, hf_greedy, hf_logits
 from shortquant import keys
 from shortquant.cli import main
-from shortquant.export import DEMO_MODEL
 from shortquant.recipes import load_recipe
+from shortquant.resources import demo_model
 
-pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="demo model not built")
+DEMO_MODEL = demo_model()
 
 
 @pytest.fixture(scope="module")

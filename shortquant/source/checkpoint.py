@@ -28,7 +28,8 @@ _BIN_SINGLE = "pytorch_model.bin"
 class Checkpoint:
     """A checkpoint folder, opened lazily.
 
-    >>> ckpt = open_checkpoint(Path("models/demo"))  # doctest: +SKIP
+    >>> from shortquant.resources import demo_model
+    >>> ckpt = open_checkpoint(demo_model())
     >>> ckpt.config["hidden_size"], len(ckpt.tensors)
     (256, 57)
     """
