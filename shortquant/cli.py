@@ -187,7 +187,7 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model --quant q4_k_m --tensor-type 'ffn_down=q6_k' --output-type q8_0
       shortquant export ./model -q f16 -q q8_0 -q q4_k_m --eval --text wiki.test.raw --card
     """
-    from .export import export as run_export
+    from .job import JobSteps, run_job
     from .publish.split import parse_size
     from .quant.mixes import QuantOverrides
 
@@ -200,24 +200,43 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
                                   out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
                                   quiet=quiet or as_json, overrides=overrides, imatrix=imatrix, force=force,
                                   base_model=base_model, license=license_id)
-    report = run_export(path, options)
-    for stale in report.removed_stale:
-        click.echo(f"note: removed {stale}, left behind by an interrupted run", err=True)
-    for warning in report.plan.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    for quant, reason in report.skipped.items():
-        click.echo(f"note: skipped {quant}: {reason}", err=True)
-    if split_max_size:
-        _split_large_files(report, split_max_size, quiet or as_json)
-    _print_export(report, path, as_json, quiet)
-    for quant, reason in report.failed.items():
-        click.echo(f"error: {quant} failed: {reason}", err=True)
-    if evaluate and report.files:
-        _evaluate_export(report, path, out_dir, text_path, ctx, base, threads, quiet or as_json)
-    if make_card and report.files:
-        _write_card(out_dir, options.recipe, quiet or as_json)
-    if report.failed:
+    steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
+                     card=make_card)
+    result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))
+    if result.report.failed:
         sys.exit(2)
+
+
+def _export_printer(source: Path, as_json: bool, quiet: bool):
+    """Prints each step of `export` as soon as it is done (see shortquant.job.run_job)."""
+    from .evaluate.results import markdown_table
+
+    silent = quiet or as_json
+
+    def show(step: str, result) -> None:
+        report = result.report
+        if step == "exported":
+            for stale in report.removed_stale:
+                click.echo(f"note: removed {stale}, left behind by an interrupted run", err=True)
+            for warning in report.plan.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            for quant, reason in report.skipped.items():
+                click.echo(f"note: skipped {quant}: {reason}", err=True)
+            for first, parts in (result.splits.items() if not silent else ()):
+                click.echo(f"split into {len(parts)} parts: {first.name} ...")
+            _print_export(report, source, as_json, quiet)
+            for quant, reason in report.failed.items():
+                click.echo(f"error: {quant} failed: {reason}", err=True)
+        elif step == "evaluated" and not silent:
+            click.echo(markdown_table(result.results))
+        elif step == "card":
+            from .publish.card import card_warnings
+
+            for warning in card_warnings(result.card):
+                click.echo(f"warning: {warning}", err=True)
+            if not silent:
+                click.echo(f"card: {result.card} (+{len(result.card_files) - 1} ollama files)")
+    return show
 
 
 def _print_export(report, source: Path, as_json: bool, quiet: bool) -> None:
@@ -231,57 +250,6 @@ def _print_export(report, source: Path, as_json: bool, quiet: bool) -> None:
         for f in report.files:
             click.echo(f"{f.path}  {f.type_label:<8} {f.bytes / 1e6:9.1f} MB  {f.bpw:5.2f} bpw")
         click.echo(f"done in {report.seconds:.1f} s")
-
-
-def _write_card(out_dir: Path, recipe, quiet: bool) -> None:
-    """--card: README.md (with the report plot when --eval made one) and ollama files."""
-    from .publish.card import write_card
-    from .publish.modelfile import write_modelfiles
-
-    plot = out_dir / "report.png"
-    readme = write_card(out_dir, recipe=recipe, plot=plot if plot.exists() else None, progress=not quiet)
-    written = [readme, *write_modelfiles(out_dir)]
-    from .publish.card import card_warnings
-
-    for warning in card_warnings(readme):
-        click.echo(f"warning: {warning}", err=True)
-    if not quiet:
-        click.echo(f"card: {readme} (+{len(written) - 1} ollama files)")
-
-
-def _split_large_files(report, max_size: str, quiet: bool) -> None:
-    """--split-max-size: replace each file over the limit by its split parts (first part kept in the report)."""
-    from .publish.split import parse_size, split_gguf
-
-    limit = parse_size(max_size)
-    for f in report.files:
-        if f.bytes <= limit:
-            continue
-        parts = split_gguf(f.path, limit, progress=not quiet)
-        if len(parts) > 1:
-            f.path.unlink()
-            f.path = parts[0]
-            if not quiet:
-                click.echo(f"split into {len(parts)} parts: {parts[0].name} ...")
-
-
-_BASE_PREFERENCE = ("f32", "f16", "bf16")
-
-
-def _evaluate_export(report, source: Path, out_dir: Path, text_path, ctx: int, base, threads, quiet: bool):
-    """--eval: perplexity, KLD against the best reference at hand, speed; results.json + plot."""
-    from .evaluate.report import plot_report
-    from .evaluate.results import markdown_table
-    from .evaluate.runner import evaluate_files
-
-    if base is None:
-        exported = {f.quant: f.path for f in report.files}
-        base = next((exported[q] for q in _BASE_PREFERENCE if q in exported), source)
-    results = evaluate_files([f.path for f in report.files], text_path, ctx, base, threads=threads,
-                             bench=True, quiet=quiet, output=out_dir / "results.json")
-    plot_report([results], out_dir / "report.png")
-    if not quiet:
-        click.echo(markdown_table(results))
 
 
 @main.command()
@@ -304,6 +272,9 @@ def _register_stage_commands() -> None:
     for command in (imatrix_command, eval_command, bench_command, report_command, card_command, split_command,
                     publish_command, verify_command):
         main.add_command(command)
+    from .batch.commands import batch_command
+
+    main.add_command(batch_command)
 
 
 _register_stage_commands()

@@ -1,0 +1,341 @@
+"""`shortquant batch` in local mode: the jobs file, a catalogue with a failing model, resume.
+
+The catalogue is three tiny transformers checkpoints (one with a NaN weight, whose export must
+fail) and the embedded demo model. Batch outputs are compared byte for byte with what
+`shortquant export` writes for the same source, so a batch is the same conversion, only scheduled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batch_helpers import gguf_bytes, make_checkpoints, write_jobs
+from shortquant.batch import load_jobs, run_batch
+from shortquant.batch.jobsfile import JobsFileError
+from shortquant.batch.local import plan_workers
+from shortquant.batch.state import STATE_FILE, ModelState
+from shortquant.cli import main
+from shortquant.export import resolve_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, small_tokenizer):
+    return make_checkpoints(tmp_path_factory.mktemp("ckpt"), small_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return resolve_source(None)[0]
+
+
+def catalogue_jobs(folder: Path, checkpoints: dict[str, Path], extra: str = "") -> Path:
+    return write_jobs(folder / "jobs.yaml", f"""
+quants: [f16, q8_0, q4_0]
+{extra}
+models:
+  - source: {checkpoints['tiny-a']}
+  - source: {checkpoints['tiny-nan']}
+  - source: {checkpoints['tiny-b']}
+    quants: [q8_0, q4_k_m]
+""")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["batch", *map(str, args)])
+
+
+# -- the jobs file -------------------------------------------------------------------------------
+
+def test_jobs_file_defaults_and_overrides(tmp_path, checkpoints):
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "models" / "st-vicuna-v1.3-5.5b-taylor"
+    link.symlink_to(checkpoints["tiny-a"])
+    jobs = write_jobs(tmp_path / "jobs.yaml", """
+quants: [q8_0, q4_k_m]
+ctx: 128
+repo: me/{folder}-GGUF
+models:
+  - source: models/st-vicuna-v1.3-5.5b-taylor
+  - source: nota-ai/st-llama-1-5.5b-ppl
+    quants: [q4_k_m]
+    ctx: 256
+    folder: ppl
+    repo: other/fixed-name
+""")
+    first, second = load_jobs(jobs).models
+    assert first.source == str(link.resolve()) and first.folder == "tiny-a"   # relative to the jobs file
+    assert (first.quants, first.ctx, first.repo) == (("q8_0", "q4_k_m"), 128, "me/tiny-a-GGUF")
+    assert (second.source, second.folder) == ("nota-ai/st-llama-1-5.5b-ppl", "ppl")   # a hub id, not fetched
+    assert (second.quants, second.ctx, second.repo) == (("q4_k_m",), 256, "other/fixed-name")
+
+
+def test_jobs_file_every_problem_one_line_and_nothing_written(tmp_path, checkpoints):
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"""
+quant: [q8_0]
+ctx: 4
+repo: "me/{{nope}}"
+models:
+  - source: {checkpoints['tiny-a']}
+    quants: [q9_9]
+  - source: ./not-here
+  - source: {checkpoints['tiny-a']}
+    eval: maybe
+    text: missing.txt
+  - source: {checkpoints['tiny-b']}
+    recipe: no-such-release
+    split_max_size: 12X
+""")
+    out = tmp_path / "out"
+    result = invoke(jobs, "--out", out)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert all(line.startswith(f"error: {jobs}: ") for line in lines), lines
+    text = "\n".join(lines)
+    for expected in ("quant: unknown setting (did you mean 'quants'?)", "models[0].quants:", "q9_9",
+                     "models[1].source: no such folder", "models[2].eval: expected true or false",
+                     "models[2].text: no such file", "models[3].recipe:", "models[3].split_max_size:",
+                     "ctx: expected a whole number >= 8", "repo: bad pattern"):
+        assert expected in text, (expected, text)
+    assert sum("ctx:" in line for line in lines) == 1   # a bad default is reported once, not per model
+    assert len(lines) == 9   # one per problem above ("q9_9" is in the quants line)
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("models: [\n  - source: x\n", "not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("quants: [q8_0]\n", "'models' must be a non-empty list"),
+])
+def test_jobs_file_shapes(tmp_path, text, problem):
+    jobs = write_jobs(tmp_path / "jobs.yaml", text)
+    with pytest.raises(JobsFileError) as info:
+        load_jobs(jobs)
+    assert len(info.value.problems) == 1 and problem in info.value.problems[0]
+
+
+def test_two_models_into_one_folder_is_a_problem(tmp_path, checkpoints):
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"""
+models:
+  - source: {checkpoints['tiny-a']}
+  - source: {checkpoints['tiny-a']}
+""")
+    with pytest.raises(JobsFileError, match="output folder 'tiny-a' is also that of models\\[0\\]"):
+        load_jobs(jobs)
+
+
+def test_workers_sized_by_cores_and_memory(tmp_path, checkpoints):
+    jobs = load_jobs(catalogue_jobs(tmp_path, checkpoints, "eval: true")).models
+    gib = 1024 ** 3
+    assert plan_workers(jobs, cores=8, memory=64 * gib) == (3, 2)       # no more processes than models
+    assert plan_workers(jobs, cores=8, memory=1 * gib) == (1, 8)        # memory allows one at a time
+    assert plan_workers(jobs, cores=2, memory=64 * gib) == (2, 1)
+    assert plan_workers(jobs, 1, cores=2, memory=64 * gib) == (1, 2)    # --jobs 1: one after another
+
+
+# -- a catalogue with a failing model --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, checkpoints):
+    """The catalogue run once by the CLI in local mode (two processes), with eval and card."""
+    root = tmp_path_factory.mktemp("local")
+    jobs = catalogue_jobs(root, checkpoints, "eval: true\nbench: false\nctx: 64\ncard: true")
+    result = invoke(jobs, "--out", root / "out", "--jobs", "2")
+    return root, jobs, result
+
+
+def test_failing_model_is_isolated_and_reported(local_run):
+    root, jobs, result = local_run
+    out = root / "out"
+    assert result.exit_code == 2, result.output   # the failure is bad input (a NaN weight)
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and error[0].startswith("error: tiny-nan: export: "), result.output
+    assert "NaN/Inf" in error[0] and "model.layers.1.mlp.down_proj.weight" in error[0]
+    assert not list((out / "tiny-nan").glob("*.gguf*"))
+    summary = json.loads((out / "catalogue.json").read_text())
+    status = {m["folder"]: m["status"] for m in summary["models"]}
+    assert status == {"tiny-a": "ok", "tiny-nan": "failed", "tiny-b": "ok"}
+    table = (out / "catalogue.md").read_text()
+    assert "- tiny-nan: export:" in table
+    rows = {(r["model"], r["type"]): r for m in summary["models"] for r in m["files"]}
+    assert set(rows) == {("tiny-a", "F16"), ("tiny-a", "Q8_0"), ("tiny-a", "Q4_0"),
+                         ("tiny-b", "Q8_0"), ("tiny-b", "Q4_K_M")}
+    for (model, quant), row in rows.items():
+        path = out / model / row["file"]
+        assert row["bytes"] == path.stat().st_size
+        assert row["ppl"] > 1 and f"| {model} | {quant} | " in table
+    assert rows[("tiny-a", "F16")]["kld"] < rows[("tiny-a", "Q4_0")]["kld"]   # against the F16 of the ladder
+
+
+def test_each_model_folder_matches_export(local_run, checkpoints, tmp_path):
+    """A model's folder holds what `shortquant export` writes: the same GGUF bytes, results and card."""
+    root, _, _ = local_run
+    out = root / "out"
+    for model, quants in (("tiny-a", ["f16", "q8_0", "q4_0"]), ("tiny-b", ["q8_0", "q4_k_m"])):
+        ref = tmp_path / model
+        args = ["export", str(checkpoints[model]), "--out", str(ref), "--quiet"]
+        for q in quants:
+            args += ["-q", q]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        assert gguf_bytes(out / model) == gguf_bytes(ref)
+        results = json.loads((out / model / "results.json").read_text())
+        assert sorted(f["file"] for f in results["files"]) == sorted(gguf_bytes(ref))
+        card = (out / model / "README.md").read_text()
+        assert all(name in card for name in gguf_bytes(ref))
+        assert len(list((out / model).glob("*.Modelfile"))) == len(quants)
+
+
+def test_rerun_skips_finished_work_and_redoes_corrupt_files(local_run):
+    root, jobs, _ = local_run
+    out = root / "out"
+    files = sorted((out / "tiny-a").glob("*.gguf")) + sorted((out / "tiny-b").glob("*.gguf"))
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
+    results_before = (out / "tiny-a" / "results.json").stat().st_mtime_ns
+
+    report = run_batch(load_jobs(jobs), out, workers=1)
+    by = {o.folder: o for o in report.outcomes}
+    assert (by["tiny-a"].made, by["tiny-a"].kept) == ([], ["f16", "q8_0", "q4_0"])
+    assert (by["tiny-b"].made, by["tiny-b"].kept) == ([], ["q8_0", "q4_k_m"])
+    assert "evaluation up to date" in by["tiny-a"].steps and "card up to date" in by["tiny-a"].steps
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files} == before
+    assert (out / "tiny-a" / "results.json").stat().st_mtime_ns == results_before
+    assert not by["tiny-nan"].ok                       # still failing, still reported
+
+    # One file truncated, one changed in place: both redone, nothing else.
+    q4, q8 = (next((out / "tiny-a").glob(f"*-{t}.gguf")) for t in ("Q4_0", "Q8_0"))
+    good_q4, good_q8 = q4.read_bytes(), q8.read_bytes()
+    q4.write_bytes(good_q4[: len(good_q4) // 2])
+    with open(q8, "r+b") as f:
+        f.seek(len(good_q8) - 100)
+        f.write(b"\xff" * 8)
+    report = run_batch(load_jobs(jobs), out, workers=1)
+    by = {o.folder: o for o in report.outcomes}
+    assert sorted(by["tiny-a"].made) == ["q4_0", "q8_0"] and by["tiny-a"].kept == ["f16"]
+    assert by["tiny-b"].made == []
+    assert q4.read_bytes() == good_q4 and q8.read_bytes() == good_q8
+    # The redone files are byte for byte those measured before: the measurements still hold.
+    assert "evaluation up to date" in by["tiny-a"].steps
+    state = ModelState.load(out / "tiny-a")
+    assert state.finished_file("q8_0", state.data["files"]["q8_0"]["fingerprint"]) is not None
+
+
+def test_changed_settings_redo_the_files(tmp_path, checkpoints):
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"models:\n  - source: {checkpoints['tiny-a']}\n    quants: [q8_0]\n")
+    out = tmp_path / "out"
+    assert run_batch(load_jobs(jobs), out, workers=1).outcomes[0].made == ["q8_0"]
+    write_jobs(jobs, f"models:\n  - source: {checkpoints['tiny-a']}\n    quants: [q8_0]\n    name: Renamed\n")
+    outcome = run_batch(load_jobs(jobs), out, workers=1).outcomes[0]
+    assert outcome.made == ["q8_0"] and outcome.kept == []
+    assert next((out / "tiny-a").glob("Renamed-*-Q8_0.gguf"))
+
+
+def test_publish_dry_run_stages_each_model_under_its_repo(tmp_path, demo):
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"""
+quants: [q8_0]
+recipe: shortquant-demo
+card: true
+repo: me/{{folder}}-GGUF
+models:
+  - source: {demo}
+""")
+    out = tmp_path / "out"
+    result = invoke(jobs, "--out", out, "--publish", "--dry-run", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "demo.staging" / "manifest.json").read_text())
+    assert manifest["repo"] == "me/demo-GGUF"
+    uploaded = {f["path"] for f in manifest["files"]}
+    assert "README.md" in uploaded and any(p.endswith("-Q8_0.gguf") for p in uploaded)
+    assert STATE_FILE not in uploaded                      # the state file is never published
+
+
+def test_publish_needs_repo_and_card(tmp_path, demo):
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"models:\n  - source: {demo}\n")
+    result = invoke(jobs, "--out", tmp_path / "out", "--publish", "--dry-run")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: {jobs}: models[0]: --publish needs 'repo' (e.g. repo: me/{{folder}}-GGUF)",
+        f"error: {jobs}: models[0]: --publish needs 'card: true' (the hub page)"]
+
+
+# -- interruption ----------------------------------------------------------------------------------
+
+LADDER = "[f16, q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k]"
+
+
+def _demo_catalogue(folder: Path, demo: Path) -> Path:
+    return write_jobs(folder / "jobs.yaml", f"""
+quants: {LADDER}
+recipe: shortquant-demo
+models:
+  - source: {demo}
+    folder: first
+  - source: {demo}
+    folder: second
+  - source: {demo}
+    folder: third
+""")
+
+
+def _batch_process(jobs: Path, out: Path, workers: int) -> subprocess.Popen:
+    code = "import sys; from shortquant.cli import main; sys.argv[0] = 'shortquant'; main()"
+    return subprocess.Popen([sys.executable, "-c", code, "batch", str(jobs), "--out", str(out), "--jobs",
+                             str(workers), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+
+
+def _kill_after_first_model(process: subprocess.Popen, out: Path, signum: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (out / "first" / STATE_FILE).exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signum)
+    process.wait(timeout=60)
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGKILL, 1), (signal.SIGTERM, 2)])
+def test_killed_run_resumes(tmp_path, demo, signum, workers):
+    """SIGKILL of a run one model at a time; SIGTERM of a run with a pool (the workers clean up)."""
+    jobs = _demo_catalogue(tmp_path, demo)
+    out = tmp_path / "out"
+    process = _batch_process(jobs, out, workers)
+    _kill_after_first_model(process, out, signum)
+    if signum == signal.SIGTERM:           # cleaned up like Ctrl-C: nothing half-written is left
+        assert process.returncode != 0
+        assert not list(out.rglob("*.part"))
+    first = sorted((out / "first").glob("*.gguf"))
+    assert len(first) == 7
+    stamps = {p: p.stat().st_mtime_ns for p in first}
+
+    report = run_batch(load_jobs(jobs), out, workers=1)
+    by = {o.folder: o for o in report.outcomes}
+    assert report.exit_code == 0 and by["first"].made == [] and len(by["first"].kept) == 7
+    assert len(by["third"].made) == 7
+    assert {p: p.stat().st_mtime_ns for p in first} == stamps
+    assert not list(out.rglob("*.part"))
+    # The resumed catalogue is the uninterrupted one, byte for byte.
+    assert gguf_bytes(out / "first") == gguf_bytes(out / "second") == gguf_bytes(out / "third")
+    reference = tmp_path / "reference"
+    args = ["export", str(demo), "--out", str(reference), "--quiet", "--recipe", "shortquant-demo"]
+    for q in LADDER.strip("[]").split(", "):
+        args += ["-q", q]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert gguf_bytes(out / "third") == gguf_bytes(reference)
+
+
+def test_ray_mode_without_ray_installed_is_one_line(tmp_path, demo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)       # as if Ray were not installed
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"models:\n  - source: {demo}\n")
+    result = invoke(jobs, "--out", tmp_path / "out", "--ray", "auto")
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --ray needs Ray: pip install 'shortquant[ray]' (or pip install ray)"
