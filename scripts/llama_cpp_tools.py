@@ -34,9 +34,14 @@ from pathlib import Path
 
 DEFAULT_TARGETS = ("llama-quantize", "llama-perplexity")
 LOCAL_SOURCES = Path("/tmp/llsrc")  # where a session may already have unpacked the sdist
+# The CPU features of the llama-cpp-python build we compare with: AVX2 without -march=native
+# (native enables AMX on CPUs that have it, and AMX traps in some VMs; the tools and the
+# Python library must also run the same kernels for timings to be comparable).
+CPU_OPTIONS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON", "-DGGML_FMA=ON",
+               "-DGGML_F16C=ON"]
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",
+    *CPU_OPTIONS,
     "-DLLAMA_CURL=OFF",  # deprecated in newer llama.cpp, harmless there
     "-DLLAMA_OPENSSL=OFF",  # no network features needed; avoids an OpenSSL dependency
     "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries, independent of the Python package's libs
@@ -129,12 +134,13 @@ def _cmake_cache(build: Path) -> dict[str, str]:
 
 
 def _compatible(build: Path, version: str) -> bool:
-    """A build folder configured for CPU Release from llama-cpp-python ``version``'s source."""
+    """A build folder configured for CPU Release from llama-cpp-python ``version``'s source,
+    with :data:`CPU_OPTIONS`."""
     conf = _cmake_cache(build)
     home = conf.get("CMAKE_HOME_DIRECTORY", "")
+    cpu = all(conf.get(o[2:].split("=")[0]) == o.split("=")[1] for o in CPU_OPTIONS)
     return (f"llama_cpp_python-{version}" in home and conf.get("CMAKE_BUILD_TYPE") == "Release"
-            and conf.get("GGML_NATIVE", "ON") == "ON" and conf.get("GGML_CUDA", "OFF") == "OFF"
-            and Path(home, "CMakeLists.txt").is_file())
+            and cpu and conf.get("GGML_CUDA", "OFF") == "OFF" and Path(home, "CMakeLists.txt").is_file())
 
 
 def candidate_builds(version: str, cache: Path) -> list[Path]:

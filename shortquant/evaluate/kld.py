@@ -2,28 +2,30 @@
 ``--kl-divergence`` mode, with the base's log-probabilities computed once and cached.
 
 Base log-probabilities are stored per scored token (the same second-half rows perplexity
-scores) in a folder of ``.npy`` files that are memory-mapped when read:
+scores) in a folder of ``.npy`` files:
 
 * ``q.npy`` (rows x n_vocab, uint16): log-probs within ``WINDOW`` nats of the row's top
   log-prob, on a uniform grid (step WINDOW/65534 ~ 3e-4 nats, so at most 1.5e-4 off);
   0 marks a token more than WINDOW below the top (p < 2e-9 times the top p), left out
   of the KLD sum as llama.cpp leaves out base log-probs below -16;
 * ``top.npy`` (rows, float32): the row's top log-prob (the grid's upper end);
-* ``nll.npy`` (rows, float64): the base's exact NLL of the token that followed;
-* ``argmax.npy`` (rows, int32): the base's exact top-1 token;
+* ``nll.npy`` (rows, float64): the base's NLL of the token that followed;
+* ``argmax.npy`` (rows, int32): the base's top-1 token;
 * ``tokens.npy`` (chunks x ctx, int32): the evaluated tokens, to refuse another tokenizer;
 * ``meta.json``: format, ctx, n_vocab, n_chunks, window and the base it came from.
 
-Half the size of float32 logits, exact where it matters (NLL, top-1); the mean KLD of a
-file against its own cache is ~1e-7 (rounding noise of either sign).
+``q.npy`` is the big one (2 bytes per vocabulary entry per scored token): it is written chunk
+by chunk as the base is evaluated and read back one chunk at a time, never mapped whole, so
+memory stays at one chunk's rows however long the text. Half the size of float32 logits,
+exact where it matters (NLL, top-1); the mean KLD of a file against its own cache is ~1e-7.
 
 Example::
 
     store = ensure_base("model-F32.gguf", chunks, n_vocab=32000)
-    stats = KldStats()
+    stats, scorer = KldStats(), RowScorer(threads=2)
     for chunk_index, (chunk, logits) in enumerate(chunk_logits(model, chunks)):
         kld, delta_p, same, nll, nll_base = compare_chunk(logits[:-1], scored_targets(chunk),
-                                                          store, chunk_index)
+                                                          store, chunk_index, scorer)
         stats.add(kld, delta_p, same)
     print(stats.summary())
 """
@@ -41,12 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from shortquant.errors import EvalError
-from shortquant.evaluate.perplexity import first_scored, log_softmax, model_inputs, scored_targets
+from shortquant.evaluate.perplexity import first_scored, model_inputs, scored_targets
+from shortquant.evaluate.scoring import LEVELS, STEP, WINDOW, RowScorer
 
 FORMAT = "shortquant-base-logprobs/1"
-WINDOW = 20.0
-LEVELS = 65534  # q in 1..65535 spans [top - WINDOW, top]; 0 = below the window
-STEP = WINDOW / LEVELS
+__all__ = ["LEVELS", "STEP", "WINDOW", "BaseStore", "KldStats", "compare_chunk", "ensure_base"]
 FINGERPRINT_BYTES = 16 << 20
 
 
@@ -122,8 +123,19 @@ def dequantize_logprobs(q: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.
     return lp, kept
 
 
+def _npy_data_offset(handle) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, offset of the data) of an open ``.npy`` file."""
+    version = np.lib.format.read_magic(handle)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(handle)
+    if fortran:
+        raise ValueError("Fortran-ordered array")
+    return shape, dtype, handle.tell()
+
+
 class BaseStore:
-    """A base's cached log-probs, memory-mapped; rows of chunk ``i`` via :meth:`chunk`."""
+    """A base's cached log-probs; the rows of chunk ``i`` via :meth:`chunk`, read from disk."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -133,16 +145,47 @@ class BaseStore:
             raise EvalError(f"not a base-logits cache ({exc})", self.folder)
         if self.meta.get("format") != FORMAT:
             raise EvalError(f"base-logits cache of another format ({self.meta.get('format')})", self.folder)
-        load = lambda name: np.load(self.folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        self.tokens = load("tokens")
-        self.q, self.top, self.nll, self.argmax = load("q"), load("top"), load("nll"), load("argmax")
         self.ctx = int(self.meta["ctx"])
         self.n_vocab = int(self.meta["n_vocab"])
         self.rows_per_chunk = self.ctx - first_scored(self.ctx) - 1
+        try:
+            load = lambda name: np.load(self.folder / f"{name}.npy")  # noqa: E731
+            self.tokens = load("tokens")
+            self.top, self.nll, self.argmax = load("top"), load("nll"), load("argmax")
+            self._q_file = open(self.folder / "q.npy", "rb")
+            shape, dtype, self._q_offset = _npy_data_offset(self._q_file)
+        except (OSError, ValueError) as exc:
+            raise EvalError(f"damaged base-logits cache ({exc}); delete the folder to recompute it",
+                            self.folder)
+        n_rows = len(self.top)
+        size = os.fstat(self._q_file.fileno()).st_size
+        if (tuple(shape) != (n_rows, self.n_vocab) or dtype != np.uint16
+                or size < self._q_offset + n_rows * self.n_vocab * 2):
+            self.close()
+            raise EvalError("damaged base-logits cache (q.npy does not hold every row); delete the "
+                            "folder to recompute it", self.folder)
+        self._q_buffer = np.empty((self.rows_per_chunk, self.n_vocab), dtype=np.uint16)
 
     def chunk(self, index: int):
+        """(q, top, nll, argmax) of chunk ``index``; q is a buffer reused by the next call."""
         rows = slice(index * self.rows_per_chunk, (index + 1) * self.rows_per_chunk)
-        return self.q[rows], self.top[rows], self.nll[rows], self.argmax[rows]
+        offset = self._q_offset + rows.start * self.n_vocab * 2
+        view = memoryview(self._q_buffer).cast("B")
+        done = 0
+        while done < len(view):  # os.preadv may return short; read until the rows are in
+            n = os.preadv(self._q_file.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise EvalError(f"base-logits cache ends inside chunk {index}", self.folder)
+            done += n
+        return self._q_buffer, self.top[rows], self.nll[rows], self.argmax[rows]
+
+    def close(self) -> None:
+        if getattr(self, "_q_file", None) is not None:
+            self._q_file.close()
+            self._q_file = None
+
+    def __del__(self):
+        self.close()
 
     def check_compatible(self, chunks: np.ndarray, n_vocab: int, what: str | Path) -> None:
         """Refuse a file whose vocabulary or tokenization differs from the base's."""
@@ -157,7 +200,11 @@ class BaseStore:
 
 
 class _StoreWriter:
-    """Writes a base store chunk by chunk into a temporary folder, renamed when complete."""
+    """Writes a base store chunk by chunk (in order) into a temporary folder, renamed when complete.
+
+    q rows go straight to ``q.npy`` as each chunk is scored; the small per-row arrays are kept
+    in memory and saved at the end.
+    """
 
     def __init__(self, folder: Path, chunks: np.ndarray, n_vocab: int, meta: dict):
         self.folder = folder
@@ -166,26 +213,32 @@ class _StoreWriter:
         ctx = chunks.shape[1]
         self.rows = ctx - first_scored(ctx) - 1
         n_rows = len(chunks) * self.rows
-        mm = np.lib.format.open_memmap
-        self.q = mm(self.tmp / "q.npy", mode="w+", dtype=np.uint16, shape=(n_rows, n_vocab))
-        self.top = mm(self.tmp / "top.npy", mode="w+", dtype=np.float32, shape=(n_rows,))
-        self.nll = mm(self.tmp / "nll.npy", mode="w+", dtype=np.float64, shape=(n_rows,))
-        self.argmax = mm(self.tmp / "argmax.npy", mode="w+", dtype=np.int32, shape=(n_rows,))
+        self.q_file = open(self.tmp / "q.npy", "wb")
+        np.lib.format.write_array_header_1_0(
+            self.q_file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)),
+                          "fortran_order": False, "shape": (n_rows, int(n_vocab))})
+        self.top = np.zeros(n_rows, dtype=np.float32)
+        self.nll = np.zeros(n_rows, dtype=np.float64)
+        self.argmax = np.zeros(n_rows, dtype=np.int32)
+        self.next_index = 0
         np.save(self.tmp / "tokens.npy", np.ascontiguousarray(chunks, dtype=np.int32))
         self.meta = dict(meta, format=FORMAT, ctx=int(ctx), n_vocab=int(n_vocab),
                          n_chunks=int(len(chunks)), window=WINDOW)
 
-    def put(self, index: int, scored_logits: np.ndarray, targets: np.ndarray) -> None:
+    def put(self, index: int, scored_logits: np.ndarray, targets: np.ndarray,
+            scorer: RowScorer | None = None) -> None:
+        if index != self.next_index:
+            raise ValueError(f"chunk {index} written out of order (expected {self.next_index})")
         rows = slice(index * self.rows, (index + 1) * self.rows)
-        lp = log_softmax(scored_logits)
-        self.q[rows], self.top[rows] = quantize_logprobs(lp)
-        self.nll[rows] = -lp[np.arange(len(targets)), targets]
-        self.argmax[rows] = np.argmax(scored_logits, axis=1)
+        scorer = scorer or RowScorer(1)
+        q, self.top[rows], self.nll[rows], self.argmax[rows] = scorer.base_logprobs(scored_logits, targets)
+        self.q_file.write(np.ascontiguousarray(q).data)
+        self.next_index += 1
 
     def finish(self) -> Path:
-        for array in (self.q, self.top, self.nll, self.argmax):
-            array.flush()
-        del self.q, self.top, self.nll, self.argmax
+        self.q_file.close()
+        for name in ("top", "nll", "argmax"):
+            np.save(self.tmp / f"{name}.npy", getattr(self, name))
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
         if self.folder.exists():  # another run finished the same key first
             shutil.rmtree(self.tmp)
@@ -194,6 +247,7 @@ class _StoreWriter:
         return self.folder
 
     def abort(self) -> None:
+        self.q_file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -270,7 +324,8 @@ def ensure_base(base: str | Path, chunks: np.ndarray, n_vocab: int, add_bos: boo
         inputs = [model_inputs(c, add_bos, bos) for c in chunks]
         first = first_scored(ctx)
         stream = (logits[first:] for logits in hf_logits(base, inputs))
-        return _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base)
+        with RowScorer(threads or os.cpu_count()) as scorer:
+            return _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base, scorer)
 
     from shortquant.evaluate.perplexity import chunk_logits, open_for_eval
 
@@ -279,10 +334,11 @@ def ensure_base(base: str | Path, chunks: np.ndarray, n_vocab: int, add_bos: boo
             raise EvalError(f"base has another vocabulary ({model.n_vocab} tokens, the evaluated "
                             f"files {n_vocab}); compare files of the same model", base)
         stream = (logits for _, logits in chunk_logits(model, chunks))
-        return _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base)
+        with RowScorer(model.n_threads) as scorer:
+            return _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base, scorer)
 
 
-def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base) -> BaseStore:
+def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base, scorer) -> BaseStore:
     writer = _StoreWriter(folder, chunks, n_vocab, meta)
     bar = progress_factory(len(chunks), f"base {Path(base).name}") if progress_factory else None
     try:
@@ -290,7 +346,8 @@ def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base) 
             if logits.shape[-1] != n_vocab:
                 raise EvalError(f"base has another vocabulary ({logits.shape[-1]} logits per "
                                 f"token, the evaluated files {n_vocab})", base)
-            writer.put(index, logits[:-1], scored_targets(chunk))
+            # logits may be a view of llama.cpp's buffer: scored before the next decode
+            writer.put(index, logits[:-1], scored_targets(chunk), scorer)
             if bar is not None:
                 bar.update(1)
         return BaseStore(writer.finish())
@@ -303,16 +360,12 @@ def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base) 
 
 
 # -- comparing -----------------------------------------------------------------------------------
-def compare_chunk(scored_logits: np.ndarray, targets: np.ndarray, store: BaseStore, index: int):
+def compare_chunk(scored_logits: np.ndarray, targets: np.ndarray, store: BaseStore, index: int,
+                  scorer: RowScorer | None = None):
     """Per-token (kld, delta_p, same_top1, nll, nll_base) of one chunk against the base."""
     q, top, nll_base, argmax_base = store.chunk(index)
-    lp = log_softmax(scored_logits)
-    lp_base, kept = dequantize_logprobs(q, top)
-    p_base = np.where(kept, np.exp(lp_base), 0.0)
-    kld = (p_base * np.where(kept, lp_base - lp, 0.0)).sum(axis=1)
-    nll = -lp[np.arange(len(targets)), targets]
-    delta_p = np.exp(-nll) - np.exp(-np.asarray(nll_base))
-    same = np.argmax(scored_logits, axis=1) == np.asarray(argmax_base)
+    kld, delta_p, same, nll = (scorer or RowScorer(1)).kld(scored_logits, targets, q, top, nll_base,
+                                                           argmax_base)
     return kld, delta_p, same, nll, np.asarray(nll_base)
 
 

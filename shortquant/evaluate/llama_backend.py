@@ -155,7 +155,7 @@ class LlamaModel:
 
     def __init__(self, path: str | Path, *, n_ctx: int, n_batch: int | None = None,
                  n_ubatch: int | None = None, n_seq_max: int = 1, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, vocab_only: bool = False):
+                 n_gpu_layers: int = 0, vocab_only: bool = False, eval_callback=None):
         self.path = check_gguf(path)
         llama_cpp = _llama()
         _install_log_capture()
@@ -190,6 +190,10 @@ class LlamaModel:
         ctx_params.n_threads = self.n_threads
         ctx_params.n_threads_batch = self.n_threads
         ctx_params.no_perf = True
+        if eval_callback is not None:  # a ggml_backend_sched_eval_callback (as llama-imatrix's)
+            self._eval_callback = eval_callback  # kept referenced while the context lives
+            ctx_params.cb_eval = eval_callback
+            ctx_params.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             self.close()
@@ -244,11 +248,13 @@ class LlamaModel:
             outputs[outputs_from:] = True
         return self.decode_batch(tokens, np.arange(pos0, pos0 + n), np.zeros(n, np.int32), outputs)
 
-    def decode_batch(self, tokens, positions, seq_ids, outputs) -> np.ndarray | None:
+    def decode_batch(self, tokens, positions, seq_ids, outputs, copy: bool = True) -> np.ndarray | None:
         """One ``llama_decode`` of tokens with their positions and sequence ids.
 
         Returns the logits of the rows where ``outputs`` is true, in batch order, as a
-        ``(n_outputs, n_vocab)`` float32 copy (None when no row asks for logits).
+        ``(n_outputs, n_vocab)`` float32 copy (None when no row asks for logits). With
+        ``copy=False`` it is a view of llama.cpp's own output buffer instead: no copy of what
+        may be hundreds of MB, but valid only until the next decode.
         """
         n = len(tokens)
         if n > self.n_batch:
@@ -268,7 +274,8 @@ class LlamaModel:
         if n_out == 0:
             return None
         ptr = self._llama_cpp.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
+        view = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        return view.copy() if copy else view
 
     def synchronize(self) -> None:
         self._llama_cpp.llama_synchronize(self.ctx)

@@ -37,10 +37,16 @@ def tool_dir(version: str | None = None) -> Path:
     return Path(root) / f"{TOOL}-{version or installed_version()}"
 
 
-def cached_tool(version: str | None = None) -> Path | None:
-    """The cached llama-perplexity binary for the installed version, or None."""
-    path = tool_dir(version) / "build" / "bin" / TOOL
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+def cached_tool(version: str | None = None, name: str = TOOL) -> Path | None:
+    """The cached llama.cpp tool ``name`` (llama-perplexity, llama-imatrix, ...) built for the
+    installed version, or None: from :func:`build_tool`'s folder or from the one
+    ``scripts/llama_cpp_tools.py`` builds into (``llama.cpp-<version>``)."""
+    version = version or installed_version()
+    for folder in (tool_dir(version), tool_dir(version).with_name(f"llama.cpp-{version}")):
+        path = folder / "build" / "bin" / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def fetch_source(version: str, into: Path) -> Path:

@@ -93,7 +93,7 @@ def model_inputs(chunk: np.ndarray, add_bos: bool, bos: int) -> np.ndarray:
 
 
 def open_for_eval(path, ctx: int, threads: int | None = None, n_batch: int = DEFAULT_BATCH,
-                  n_ubatch: int = DEFAULT_UBATCH, n_gpu_layers: int = 0):
+                  n_ubatch: int = DEFAULT_UBATCH, n_gpu_layers: int = 0, eval_callback=None):
     """A :class:`LlamaModel` laid out like llama-perplexity's context for ``--ctx ctx``.
 
     llama-perplexity evaluates ``max(1, n_batch // ctx)`` chunks at once, each in its own
@@ -106,7 +106,7 @@ def open_for_eval(path, ctx: int, threads: int | None = None, n_batch: int = DEF
     total = n_seq * ctx
     return LlamaModel(path, n_ctx=total, n_batch=min(n_batch, total),
                       n_ubatch=min(n_ubatch, n_batch, total), n_seq_max=n_seq, n_threads=threads,
-                      n_gpu_layers=n_gpu_layers)
+                      n_gpu_layers=n_gpu_layers, eval_callback=eval_callback)
 
 
 def chunk_logits(model, chunks: np.ndarray, progress=None):
@@ -115,6 +115,9 @@ def chunk_logits(model, chunks: np.ndarray, progress=None):
     Chunks are decoded ``model.n_seq_max`` at a time from an empty cache, one sequence each,
     logits requested only for the scored half (plus the last row, which llama-perplexity
     also requests and ignores). A chunk longer than a batch is decoded in several calls.
+
+    The logits are a view of llama.cpp's output buffer (as llama-perplexity reads them, no
+    copy): use them before asking for the next chunk, and copy what must outlive that.
     """
     ctx = chunks.shape[1]
     first = first_scored(ctx)
@@ -130,28 +133,26 @@ def chunk_logits(model, chunks: np.ndarray, progress=None):
             tokens = np.concatenate([row[positions] for row in inputs])
             pos = np.tile(positions, len(group))
             seq = np.repeat(np.arange(len(group), dtype=np.int32), len(positions))
-            logits = model.decode_batch(tokens, pos, seq, pos >= first)
+            # one decode: a view; several (a chunk longer than a batch): copies joined
+            logits = model.decode_batch(tokens, pos, seq, pos >= first, copy=span < ctx)
             if logits is not None:
                 parts.append(logits.reshape(len(group), -1, logits.shape[-1]))
-        logits = np.concatenate(parts, axis=1)
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         for chunk, rows in zip(group, logits):
             yield chunk, rows
             if progress is not None:
                 progress.update(1)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = x.max(axis=-1, keepdims=True)
-    shifted = x - top
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def token_nll(logits: np.ndarray, targets: np.ndarray, scorer=None) -> np.ndarray:
+    """Negative log-likelihood of ``targets[i]`` under row ``i`` of ``logits`` (float64).
 
+    ``scorer``: a :class:`~shortquant.evaluate.scoring.RowScorer` to spread the rows over
+    its threads (one thread without).
+    """
+    from shortquant.evaluate.scoring import RowScorer
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of ``targets[i]`` under row ``i`` of ``logits`` (float64)."""
-    lp = log_softmax(logits)
-    return -lp[np.arange(len(targets)), np.asarray(targets)]
+    return (scorer or RowScorer(1)).nll(logits, np.asarray(targets))
 
 
 def scored_targets(chunk: np.ndarray) -> np.ndarray:
@@ -199,8 +200,11 @@ def perplexity(model, text: str, ctx: int, n_chunks: int | None = None, progress
             s = perplexity(m, read_text(DEFAULT_TEXT), 128)
             print(f"PPL = {s.ppl:.4f} +/- {s.err:.5f}")
     """
+    from shortquant.evaluate.scoring import RowScorer
+
     chunks = split_chunks(model.tokenize(text), ctx, n_chunks)
     stats = NllStats()
-    for chunk, logits in chunk_logits(model, chunks, progress):
-        stats.add(token_nll(logits[:-1], scored_targets(chunk)))
+    with RowScorer(model.n_threads) as scorer:
+        for chunk, logits in chunk_logits(model, chunks, progress):
+            stats.add(token_nll(logits[:-1], scored_targets(chunk), scorer))
     return stats

@@ -20,6 +20,7 @@ from shortquant.evaluate.perplexity import (DEFAULT_BATCH, DEFAULT_TEXT, NllStat
                                             read_text, scored_targets, split_chunks, text_sha256,
                                             token_nll)
 from shortquant.evaluate.results import hardware_info, make_results, write_results
+from shortquant.evaluate.scoring import RowScorer
 
 _GUESSED = 1024  # llama_ftype flag: type guessed from the tensors, not read from the file
 
@@ -64,16 +65,21 @@ def _progress_factory(quiet: bool):
 
 
 def _measure(model, chunks, store, bar) -> tuple[NllStats, KldStats | None]:
-    """One pass over the chunks: NLL of every scored token, and KLD when a base is given."""
+    """One pass over the chunks: NLL of every scored token, and KLD when a base is given.
+
+    Each chunk's rows are scored in place in llama.cpp's buffer, over all of the model's
+    threads, before the next batch is decoded (as llama-perplexity does).
+    """
     nll_stats, kld_stats = NllStats(), (KldStats() if store is not None else None)
-    for index, (chunk, logits) in enumerate(chunk_logits(model, chunks, bar)):
-        scored, targets = logits[:-1], scored_targets(chunk)  # the last row predicts nothing
-        if kld_stats is None:
-            nll_stats.add(token_nll(scored, targets))
-            continue
-        kld, delta_p, same, nll, _ = compare_chunk(scored, targets, store, index)
-        nll_stats.add(nll)
-        kld_stats.add(kld, delta_p, same)
+    with RowScorer(model.n_threads) as scorer:
+        for index, (chunk, logits) in enumerate(chunk_logits(model, chunks, bar)):
+            scored, targets = logits[:-1], scored_targets(chunk)  # the last row predicts nothing
+            if kld_stats is None:
+                nll_stats.add(token_nll(scored, targets, scorer))
+                continue
+            kld, delta_p, same, nll, _ = compare_chunk(scored, targets, store, index, scorer)
+            nll_stats.add(nll)
+            kld_stats.add(kld, delta_p, same)
     return nll_stats, kld_stats
 
 

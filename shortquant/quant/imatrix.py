@@ -316,6 +316,11 @@ def compute_imatrix(model, tokens: Sequence[int], *, ctx: int = 512, chunks: int
     squares of its input, per input column, to ``in_sum2`` and the number of tokens to
     ``counts``. Keyed by GGUF weight name (see :func:`linear_gguf_names`).
 
+    The model runs in its own dtype (a bf16 model stays bf16: no float32 copy of it); the
+    squares are summed in float32 per chunk and added into float64 accumulators allocated once.
+    Projections that read the same input (q/k/v, gate/up) share one sum of squares. Only the
+    decoder runs: the output head, which no block weight needs, is skipped.
+
     >>> # im = compute_imatrix(model, sp.encode(text), ctx=512, chunks=100)
     """
     import torch
@@ -326,35 +331,39 @@ def compute_imatrix(model, tokens: Sequence[int], *, ctx: int = 512, chunks: int
     if not names:
         raise QuantError("the model has no LLaMA-style block linear layers to collect statistics for")
     modules = dict(model.named_modules())
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    sums = {g: torch.zeros(modules[hf].in_features, dtype=torch.float64) for hf, g in names.items()}
+    counts = dict.fromkeys(sums, 0)
+    last = {"input": None, "squares": None}  # the last input seen, and its column sums of squares
 
     def hook_for(gguf_name: str):
         def hook(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            acc = sums.get(gguf_name)
-            sq = (x * x).sum(dim=0)
-            sums[gguf_name] = sq if acc is None else acc + sq
-            counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
+            x = args[0]
+            if last["input"] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                last["input"], last["squares"] = x, (flat * flat).sum(dim=0).cpu()
+            sums[gguf_name].add_(last["squares"])
+            counts[gguf_name] += x.numel() // x.shape[-1]
         return hook
 
     handles = [modules[hf].register_forward_pre_hook(hook_for(g)) for hf, g in names.items()]
     device = next(model.parameters()).device
+    # the decoder alone: the block weights' inputs are all there, the logits are not needed
+    body = model.get_decoder() if hasattr(model, "get_decoder") and model.get_decoder() is not None else model
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for window in tqdm(windows, desc="imatrix", unit="chunk", disable=not progress):
-                model(torch.tensor([window], dtype=torch.long, device=device), use_cache=False)
+                body(input_ids=torch.tensor([window], dtype=torch.long, device=device), use_cache=False)
+                last["input"] = last["squares"] = None
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
 
     result = Imatrix(
-        sums={n: s.to(torch.float32).cpu().numpy().reshape(1, -1) for n, s in sums.items()},
-        counts={n: np.array([c], dtype=np.float32) for n, c in counts.items()},
+        sums={n: s.to(torch.float32).numpy().reshape(1, -1) for n, s in sums.items() if counts[n]},
+        counts={n: np.array([c], dtype=np.float32) for n, c in counts.items() if c},
         datasets=[dataset] if dataset else [],
         chunk_count=len(windows),
         chunk_size=ctx,
