@@ -19,6 +19,7 @@ Every configuration's GGUF files are checked to be byte for byte those of `seque
 
     python scripts/bench_batch.py --out-dir /tmp/bench-batch             # ~3 min on 2 cores
     python scripts/bench_batch.py --out-dir /tmp/bench-batch --no-ray    # without Ray
+    python scripts/bench_batch.py --out-dir /tmp/bench-batch --unit-only # ladder vs type, ~100 M model
 """
 
 from __future__ import annotations
@@ -138,14 +139,50 @@ class WarmRay:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, env=self.env)
 
 
+def unit_of_work(root: Path, reps: int) -> dict[str, float]:
+    """Ladder per task against type per task on a larger checkpoint (~100 M parameters, f32), where
+    reading and transforming the source is not negligible: one export of the three types against
+    three exports of one type each (the work a type-per-task scheduler does), in this process."""
+    from checkpoints import TinySpec, build_model, save_model
+    from shortquant.export import ExportOptions, export, resolve_source
+
+    folder = root / "sources" / "unit-100m"
+    if not (folder / "config.json").is_file():
+        spec = TinySpec(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                        num_key_value_heads=16, vocab_size=512, seed=4)
+        save_model(build_model(spec), folder, tokenizer_model=resolve_source(None)[0] / "tokenizer.model")
+    out = root / "out-unit"
+    result = {"ladder": [], "per_type": []}
+    for _ in range(reps):
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        export(folder, ExportOptions(quants=tuple(QUANTS), out_dir=out / "ladder", quiet=True))
+        result["ladder"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for q in QUANTS:
+            export(folder, ExportOptions(quants=(q,), out_dir=out / "per-type", quiet=True))
+        result["per_type"].append(time.perf_counter() - start)
+        ladder, per_type = ({p.name: p.read_bytes() for p in (out / d).glob("*.gguf")} for d in ("ladder", "per-type"))
+        assert ladder == per_type and len(ladder) == len(QUANTS)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--unit-only", action="store_true",
+                        help="Only the ladder-per-task against type-per-task export on a ~100 M checkpoint.")
     args = parser.parse_args()
     root = args.out_dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    if args.unit_only:
+        unit = unit_of_work(root, args.reps)
+        (root / "bench_unit.json").write_text(json.dumps(unit, indent=2) + "\n")
+        for name, t in unit.items():
+            print(f"{name:<10} median {statistics.median(t):6.2f} s  runs {[round(x, 2) for x in t]}")
+        return
     sources = build_sources(root)
     ladder_jobs = write_jobs(root / "ladder.yaml", sources, per_type=False)
     type_jobs = write_jobs(root / "per-type.yaml", sources, per_type=True)
