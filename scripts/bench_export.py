@@ -17,6 +17,7 @@ checks that (a) and (b) chose the same type for every tensor.
 
     python scripts/bench_export.py --out-dir /tmp/bench            # everything (~10 min, 2 cores)
     python scripts/bench_export.py --out-dir /tmp/bench --skip-llama-cpp --blocks 1   # ours only
+    python scripts/bench_export.py --out-dir /tmp/bench --shape llama3-8b --skip-ladder  # BPE, 128k vocab
 
 llama.cpp's tools are built the first time by scripts/llama_cpp_tools.py (cached).
 """
@@ -39,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TOKENIZER_FIXTURE = Path(os.environ.get("SHORTQUANT_SHARED", REPO.parent / "shared")) / "fixtures" / "llama-tokenizer.model"
+FIXTURES = Path(os.environ.get("SHORTQUANT_SHARED", REPO.parent / "shared")) / "fixtures"
+TOKENIZER_FIXTURE = FIXTURES / "llama-tokenizer.model"
+BPE_TOKENIZER_FIXTURE = FIXTURES / "tokenizers" / "llama-bpe"
 LADDER = ("q8_0", "q6_k", "q4_k_m", "q2_k")
 LLAMA_QUANTIZE_NAMES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q4_k_m": "Q4_K_M", "q2_k": "Q2_K"}
 TARGETS = {  # ratio name -> (numerator, denominator, at most)
@@ -52,16 +55,25 @@ TARGETS = {  # ratio name -> (numerator, denominator, at most)
 # LLaMA-7B shapes (only the block count differs).
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048)
+# Llama-3-8B shapes: a 128256-token vocabulary, so the embedding and output dominate at 2 blocks;
+# GQA 32/8, llama3 rope scaling, the BPE tokenizer.json.
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=500000.0,
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+SHAPES = {"llama-7b": LLAMA_7B, "llama3-8b": LLAMA3_8B}
+# Issue 8's targets for the Llama-3 shape (q4_k_m against convert + llama-quantize).
+LLAMA3_TARGETS = {"(a)/(b) wall": ("a", "b", 0.8), "(a)/(b) peak RSS": ("a", "b", 0.5)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The checkpoint
 # ---------------------------------------------------------------------------------------------
 
-def checkpoint_tensors(blocks: int) -> list[tuple[str, tuple[int, ...]]]:
+def checkpoint_tensors(blocks: int, shape: dict = LLAMA_7B) -> list[tuple[str, tuple[int, ...]]]:
     """HF LLaMA tensor names and shapes, in the order transformers saves them."""
-    h, f, v = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
-    kv = h * LLAMA_7B["num_key_value_heads"] // LLAMA_7B["num_attention_heads"]
+    h, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     out = [("model.embed_tokens.weight", (v, h))]
     for i in range(blocks):
         p = f"model.layers.{i}."
@@ -106,24 +118,33 @@ def write_safetensors_bf16(path: Path, tensors: list[tuple[str, tuple[int, ...]]
     tmp.rename(path)
 
 
-def build_checkpoint(folder: Path, blocks: int, seed: int = 0) -> Path | None:
+def build_checkpoint(folder: Path, blocks: int, seed: int = 0, shape_name: str = "llama-7b") -> Path | None:
     """The benchmark checkpoint in ``folder`` (reused when already complete); None without tokenizer."""
-    if not TOKENIZER_FIXTURE.is_file():
-        print(f"skipping: the LLaMA tokenizer fixture {TOKENIZER_FIXTURE} is absent "
-              "(both pipelines need a vocabulary)")
+    shape = SHAPES[shape_name]
+    bpe = shape is LLAMA3_8B
+    tokenizer = BPE_TOKENIZER_FIXTURE if bpe else TOKENIZER_FIXTURE
+    if not tokenizer.exists():
+        print(f"skipping: the tokenizer fixture {tokenizer} is absent (both pipelines need a vocabulary)")
         return None
-    stamp = {"blocks": blocks, "seed": seed, **LLAMA_7B}
+    stamp = {"blocks": blocks, "seed": seed, **shape}
     if (folder / "bench_stamp.json").is_file() and json.loads((folder / "bench_stamp.json").read_text()) == stamp:
         return folder
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     print(f"writing a {blocks}-block LLaMA-7B-shaped bf16 checkpoint to {folder} ...", flush=True)
-    write_safetensors_bf16(folder / "model.safetensors", checkpoint_tensors(blocks), seed)
+    write_safetensors_bf16(folder / "model.safetensors", checkpoint_tensors(blocks, shape), seed)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": blocks,
               "hidden_act": "silu", "initializer_range": 0.02, "rope_theta": 10000.0, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
-              "use_cache": True, **LLAMA_7B}
+              "use_cache": True, **shape}
+    if bpe:
+        config.update(bos_token_id=128000, eos_token_id=128001, pad_token_id=None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        for f in tokenizer.iterdir():
+            shutil.copyfile(f, folder / f.name)
+        (folder / "bench_stamp.json").write_text(json.dumps(stamp))
+        return folder
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -286,7 +307,9 @@ def table(steps: list[Step]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/shortquant-bench"))
-    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-7b",
+                        help="llama-7b (sentencepiece, 32000 vocab) or llama3-8b (BPE, 128256 vocab)")
+    parser.add_argument("--blocks", type=int, default=None, help="[default: 4 for llama-7b, 2 for llama3-8b]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--skip-llama-cpp", action="store_true", help="time only shortquant and the floor")
     parser.add_argument("--skip-ladder", action="store_true", help="leave out (d)")
@@ -299,7 +322,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench_export.log"
     log.write_text("")
-    src = build_checkpoint(out / f"llama7b-shapes-{args.blocks}blk", args.blocks)
+    args.blocks = args.blocks or (2 if args.shape == "llama3-8b" else 4)
+    targets = LLAMA3_TARGETS if args.shape == "llama3-8b" else TARGETS
+    src = build_checkpoint(out / f"{args.shape}-shapes-{args.blocks}blk", args.blocks, shape_name=args.shape)
     if src is None:
         return 0
     for f in src.iterdir():  # warm the page cache so no step pays the first read alone
@@ -358,7 +383,7 @@ def main() -> int:
     order = ["a", "b1", "b2", "b", "c", "d_ours"] + [f"b2_{q}" for q in LADDER if q != "q4_k_m"] + ["d_pipeline"]
     shown = [steps[k] for k in order if k in steps]
     ratios = {}
-    for label, (num, den, target) in TARGETS.items():
+    for label, (num, den, target) in targets.items():
         if num in steps and den in steps:
             field_ = "peak_rss_mb" if "RSS" in label else "wall_s"
             value = getattr(steps[num], field_) / getattr(steps[den], field_)
@@ -386,7 +411,7 @@ def main() -> int:
     floor = extra["floor"]
     print(f"floor detail: kernels {floor['kernel_s']:.1f} s wall / {floor['kernel_cpu_s']:.1f} s CPU, "
           f"loading (untimed) {floor['load_s']:.1f} s")
-    result = {"checkpoint": str(src), "blocks": args.blocks, "threads": args.threads,
+    result = {"checkpoint": str(src), "shape": args.shape, "blocks": args.blocks, "threads": args.threads,
               "steps": {k: asdict(v) for k, v in steps.items()}, "ratios": ratios, **extra}
     (out / "bench_export.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwritten: {out / 'bench_export.json'} (log: {log})")

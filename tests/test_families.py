@@ -178,3 +178,31 @@ def test_small_bpe_tokenizes_as_hugging_face(tmp_path, style):
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
             hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_bpe_family_imatrix_and_eval_against_transformers(tmp_path):
+    """A Qwen2 model with a BPE tokenizer through the HF-side stages: the torch imatrix (tokenized
+    with tokenizer.json) covers every block matrix and drives an IQ type; KLD of the f32 file
+    against the Hugging Face model itself is ~0."""
+    import json as json_
+
+    src = tmp_path / "src"
+    vocab = make_bpe_tokenizer(src, "qwen2")
+    build_family_model("qwen2", vocab, layers=2, hidden_size=256, intermediate_size=512).save_pretrained(src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    imatrix = tmp_path / "m.imatrix.gguf"
+    run("imatrix", src, "--text", calib, "-o", imatrix, "--ctx", "64", "--chunks", "2")
+    names = {t.name for t in gguf.GGUFReader(imatrix).tensors}
+    for block in (0, 1):
+        for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            assert f"blk.{block}.{kind}.weight.in_sum2" in names
+    out = tmp_path / "out"
+    run("export", src, "--out", out, "--pre", "qwen2", "-q", "f32", "-q", "iq3_xxs", "--imatrix", imatrix)
+    f32 = next(out.glob("*-F32.gguf"))
+    result = CliRunner().invoke(main, ["eval", str(f32), "--base", str(src), "--ctx", "64", "--chunks", "2",
+                                       "--json", "--quiet", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    data = json_.loads(result.output[result.output.index("{"):])
+    kld = data["files"][0]["kld"]["mean"]
+    assert 0 <= kld < 1e-4

@@ -53,15 +53,16 @@ def read_bpe(folder: Path, chat_template_name: str | None = None, vocab_size: in
     hf_tokenizer = _load_hf_tokenizer(path)
     pre_name = check_pre_name(pre) if pre else detect_pre(hf_tokenizer, path)
 
-    rows = vocab_size if vocab_size is not None else max(vocab.values(), default=-1) + 1
+    entries = added_token_entries(folder, side.tokenizer_config, data)
     too_far = max(vocab.values(), default=-1)
+    rows = vocab_size if vocab_size is not None else max([too_far, *(i for i, _, _ in entries)]) + 1
     if too_far >= rows:
         raise TokenizerError(f"the vocabulary has token id {too_far} but the model's embedding has only "
                              f"{rows} rows", path)
     tokens: dict[int, str] = {i: text for text, i in vocab.items()}
     types = dict.fromkeys(tokens, TokenType.NORMAL)
     added: dict[int, tuple[str, TokenType]] = {}
-    for token_id, content, special in added_token_entries(folder, side.tokenizer_config, data):
+    for token_id, content, special in entries:
         if token_id >= rows:
             raise TokenizerError(f"added token {content!r} has id {token_id}, past the model's {rows} "
                                  f"embedding rows", path)
