@@ -134,3 +134,14 @@ def test_chunks_are_written_in_order(tmp_path):
         writer.put(1, np.zeros((7, 20), np.float32), np.zeros(7, int))
     writer.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_unwritable_cache_folder_is_one_line(tmp_path):
+    from shortquant.evaluate.kld import _write_store
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    chunks = np.zeros((2, 16), np.int32)
+    with pytest.raises(EvalError, match="cannot write the base-logits cache") as info:
+        _write_store(blocker / "cache" / "key", chunks, 20, {}, iter([]), None, "base.gguf", RowScorer(1))
+    assert "\n" not in str(info.value)

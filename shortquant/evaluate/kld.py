@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -164,22 +165,44 @@ class BaseStore:
             self.close()
             raise EvalError("damaged base-logits cache (q.npy does not hold every row); delete the "
                             "folder to recompute it", self.folder)
-        self._q_buffer = np.empty((self.rows_per_chunk, self.n_vocab), dtype=np.uint16)
+        # two buffers: chunk i is handed out while chunk i+1 is read ahead in a thread (that
+        # read often lands during llama.cpp's next decode)
+        self._buffers = [np.empty((self.rows_per_chunk, self.n_vocab), dtype=np.uint16) for _ in range(2)]
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="base-read")
+        self._ahead: tuple[int, Future] | None = None
 
-    def chunk(self, index: int):
-        """(q, top, nll, argmax) of chunk ``index``; q is a buffer reused by the next call."""
-        rows = slice(index * self.rows_per_chunk, (index + 1) * self.rows_per_chunk)
-        offset = self._q_offset + rows.start * self.n_vocab * 2
-        view = memoryview(self._q_buffer).cast("B")
+    def _read(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self.top) // self.rows_per_chunk:
+            raise EvalError(f"base-logits cache has no chunk {index}", self.folder)
+        buffer = self._buffers[index % 2]
+        offset = self._q_offset + index * self.rows_per_chunk * self.n_vocab * 2
+        view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):  # os.preadv may return short; read until the rows are in
             n = os.preadv(self._q_file.fileno(), [view[done:]], offset + done)
             if n <= 0:
                 raise EvalError(f"base-logits cache ends inside chunk {index}", self.folder)
             done += n
-        return self._q_buffer, self.top[rows], self.nll[rows], self.argmax[rows]
+        return buffer
+
+    def chunk(self, index: int):
+        """(q, top, nll, argmax) of chunk ``index``; q is valid until the next call."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == index:
+            q = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # never two reads into one buffer
+            q = self._read(index)
+        if (index + 1) * self.rows_per_chunk < len(self.top):
+            self._ahead = (index + 1, self._reader.submit(self._read, index + 1))
+        rows = slice(index * self.rows_per_chunk, (index + 1) * self.rows_per_chunk)
+        return q, self.top[rows], self.nll[rows], self.argmax[rows]
 
     def close(self) -> None:
+        if getattr(self, "_reader", None) is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         if getattr(self, "_q_file", None) is not None:
             self._q_file.close()
             self._q_file = None
@@ -202,8 +225,9 @@ class BaseStore:
 class _StoreWriter:
     """Writes a base store chunk by chunk (in order) into a temporary folder, renamed when complete.
 
-    q rows go straight to ``q.npy`` as each chunk is scored; the small per-row arrays are kept
-    in memory and saved at the end.
+    q rows go to ``q.npy`` as each chunk is scored, written by a thread while the next chunk is
+    evaluated (one chunk in flight at most); the small per-row arrays are kept in memory and
+    saved at the end.
     """
 
     def __init__(self, folder: Path, chunks: np.ndarray, n_vocab: int, meta: dict):
@@ -221,6 +245,8 @@ class _StoreWriter:
         self.nll = np.zeros(n_rows, dtype=np.float64)
         self.argmax = np.zeros(n_rows, dtype=np.int32)
         self.next_index = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="base-write")
+        self._pending: Future | None = None
         np.save(self.tmp / "tokens.npy", np.ascontiguousarray(chunks, dtype=np.int32))
         self.meta = dict(meta, format=FORMAT, ctx=int(ctx), n_vocab=int(n_vocab),
                          n_chunks=int(len(chunks)), window=WINDOW)
@@ -232,11 +258,24 @@ class _StoreWriter:
         rows = slice(index * self.rows, (index + 1) * self.rows)
         scorer = scorer or RowScorer(1)
         q, self.top[rows], self.nll[rows], self.argmax[rows] = scorer.base_logprobs(scored_logits, targets)
-        self.q_file.write(np.ascontiguousarray(q).data)
+        self._wait()
+        self._pending = self._writer.submit(self.q_file.write, np.ascontiguousarray(q).data)
         self.next_index += 1
 
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a write error surfaces here
+
+    def _close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._writer.shutdown(wait=True)
+            self.q_file.close()
+
     def finish(self) -> Path:
-        self.q_file.close()
+        self._close()
         for name in ("top", "nll", "argmax"):
             np.save(self.tmp / f"{name}.npy", getattr(self, name))
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
@@ -247,7 +286,10 @@ class _StoreWriter:
         return self.folder
 
     def abort(self) -> None:
-        self.q_file.close()
+        try:
+            self._close()
+        except OSError:
+            pass  # the run is failing already; its own error is the one to report
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -339,7 +381,10 @@ def ensure_base(base: str | Path, chunks: np.ndarray, n_vocab: int, add_bos: boo
 
 
 def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base, scorer) -> BaseStore:
-    writer = _StoreWriter(folder, chunks, n_vocab, meta)
+    try:
+        writer = _StoreWriter(folder, chunks, n_vocab, meta)
+    except OSError as exc:
+        raise EvalError(f"cannot write the base-logits cache: {exc.strerror or exc}", folder) from exc
     bar = progress_factory(len(chunks), f"base {Path(base).name}") if progress_factory else None
     try:
         for index, (chunk, logits) in enumerate(zip(chunks, stream)):
@@ -351,6 +396,9 @@ def _write_store(folder, chunks, n_vocab, meta, stream, progress_factory, base, 
             if bar is not None:
                 bar.update(1)
         return BaseStore(writer.finish())
+    except OSError as exc:  # disk full, cache folder not writable, ...
+        writer.abort()
+        raise EvalError(f"cannot write the base-logits cache: {exc.strerror or exc}", folder) from exc
     except BaseException:
         writer.abort()
         raise
