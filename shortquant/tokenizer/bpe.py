@@ -35,11 +35,12 @@ END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoft
 
 
 def read_bpe(folder: Path, chat_template_name: str | None = None, vocab_size: int | None = None,
-             pre: str | None = None) -> TokenizerSpec:
+             pre: str | None = None, need_pre: bool = True) -> TokenizerSpec:
     """Read a folder's byte-level BPE ``tokenizer.json`` into a ``TokenizerSpec``.
 
     ``vocab_size`` is the number of embedding rows (ids past the tokenizer become padding);
-    ``pre`` names llama.cpp's pre-tokenizer when the probe hash is unknown.
+    ``pre`` names llama.cpp's pre-tokenizer when the probe hash is unknown; ``need_pre=False``
+    leaves an unknown one as ``"unknown"`` (for encoding text, where no GGUF is written).
 
         >>> spec = read_bpe(Path("Llama-3.2-1B"), vocab_size=128256)   # doctest: +SKIP
         >>> spec.model, spec.pre, spec.bos_id                          # doctest: +SKIP
@@ -51,7 +52,15 @@ def read_bpe(folder: Path, chat_template_name: str | None = None, vocab_size: in
     vocab, merges = _vocab_and_merges(data, path)
     side = SideFiles.read(folder)
     hf_tokenizer = _load_hf_tokenizer(path)
-    pre_name = check_pre_name(pre) if pre else detect_pre(hf_tokenizer, path)
+    if pre:
+        pre_name = check_pre_name(pre)
+    else:
+        try:
+            pre_name = detect_pre(hf_tokenizer, path)
+        except TokenizerError:
+            if need_pre:
+                raise
+            pre_name = "unknown"
 
     entries = added_token_entries(folder, side.tokenizer_config, data)
     too_far = max(vocab.values(), default=-1)

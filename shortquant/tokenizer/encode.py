@@ -19,14 +19,15 @@ def encode_text(folder: Path, text: str) -> tuple[list[int], int | None]:
         >>> ids[0] == bos                                                   # doctest: +SKIP
         True
     """
-    from . import read_tokenizer, tokenizer_kind
+    from . import tokenizer_kind
+    from .bpe import read_bpe
 
     folder = Path(folder)
     kind = tokenizer_kind(folder)
     if kind == "sentencepiece":
         return _encode_sentencepiece(folder / "tokenizer.model", text)
     if kind == "bpe":
-        spec = read_tokenizer(folder)
+        spec = read_bpe(folder, need_pre=False)   # the GGUF's pre-tokenizer name plays no part here
         ids = _load_tokenizers(folder / "tokenizer.json").encode(text, add_special_tokens=False).ids
         bos = spec.bos_id if spec.add_bos else None
         return ([bos] if bos is not None else []) + ids, bos
