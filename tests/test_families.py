@@ -206,3 +206,14 @@ def test_bpe_family_imatrix_and_eval_against_transformers(tmp_path):
     data = json_.loads(result.output[result.output.index("{"):])
     kld = data["files"][0]["kld"]["mean"]
     assert 0 <= kld < 1e-4
+
+
+@pytest.mark.parametrize("case, marker", [("llama3.2-tied", "<|start_header_id|>user<|end_header_id|>"),
+                                          ("qwen2-bias-tied", "<|im_start|>user\n{prompt}<|im_end|>")])
+def test_card_shows_the_family_prompt(exported, case, marker):
+    _, out = exported
+    folder = out[case, "contiguous"][2]["f32"].parent
+    run("card", folder)
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    assert marker in text and "## Prompt template" in text
+    assert f"- {CASES[case][3]}" in text   # the architecture is a hub tag
