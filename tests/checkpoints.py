@@ -16,6 +16,18 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
+# Every skip for a missing ../shared file says this, so conftest can count them in one line.
+SHARED_SKIP = "needs ../shared/fixtures/"
+
+
+def shared_fixture(name: str) -> Path:
+    """A file from ../shared/fixtures (ones we may not redistribute); skips the test without it."""
+    import pytest
+
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"{SHARED_SKIP}{name}")
+    return path
 
 
 @dataclass

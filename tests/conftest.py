@@ -5,29 +5,46 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoints import FIXTURES  # noqa: E402
+from checkpoints import SHARED_SKIP, shared_fixture  # noqa: E402
+from shortquant.resources import demo_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_TOKENIZER = REPO / "models" / "demo" / "tokenizer.model"
-LLAMA_TOKENIZER = FIXTURES / "llama-tokenizer.model"
+DEMO = demo_model()
+DEMO_TOKENIZER = DEMO / "tokenizer.model"
 
 
 @pytest.fixture(scope="session")
 def small_tokenizer():
-    """(tokenizer.model path, vocab size) of a small real sentencepiece tokenizer.
-
-    The demo model's 512-token tokenizer ships with the repo; the 32000-token LLaMA one from
-    ../shared is the fallback.
-    """
-    if DEMO_TOKENIZER.is_file():
-        return DEMO_TOKENIZER, 512
-    if LLAMA_TOKENIZER.is_file():
-        return LLAMA_TOKENIZER, 32000
-    pytest.skip("no sentencepiece tokenizer available")
+    """(tokenizer.model path, vocab size) of a small real sentencepiece tokenizer: the demo model's."""
+    return DEMO_TOKENIZER, 512
 
 
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    if not LLAMA_TOKENIZER.is_file():
-        pytest.skip(f"{LLAMA_TOKENIZER} not present")
-    return LLAMA_TOKENIZER
+    """Meta's 32000-piece LLaMA tokenizer (not ours to ship: ../shared only)."""
+    return shared_fixture("llama-tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def demo_gguf(tmp_path_factory) -> Path:
+    """The embedded demo model (trained, depth-pruned, 6 blocks) exported to F32 once per session:
+    the real model for tests that run llama.cpp on one."""
+    from shortquant.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("demo-gguf")
+    report = export(DEMO, ExportOptions(quants=("f32",), out_dir=out, quiet=True))
+    return report.files[0].path
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for the tests a clone without ../shared skips, and which files they need."""
+    reasons = [_skip_reason(r) for r in terminalreporter.stats.get("skipped", [])]
+    needed = sorted({r.split(SHARED_SKIP, 1)[1].strip() for r in reasons if SHARED_SKIP in r})
+    count = sum(SHARED_SKIP in r for r in reasons)
+    if count:
+        terminalreporter.write_line(f"{count} test{'s' * (count != 1)} skipped: ../shared/fixtures absent "
+                                    f"(files we do not ship: {', '.join(needed)})")

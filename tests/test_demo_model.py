@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import FIXTURES
+from checkpoints import shared_fixture
+from shortquant.resources import demo_model, recipes_dir
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "models" / "demo"
-RECIPE = REPO / "models" / "recipes" / "shortquant-demo.json"
-STORIES_GGUF = FIXTURES / "stories260K.gguf"
+DEMO = demo_model()
+RECIPE = recipes_dir() / "shortquant-demo.json"
 BOS, EOS = 1, 2
 
 # Strings where sentencepiece tokenizers tend to disagree: spaces, newlines, digits, unicode
@@ -122,10 +122,9 @@ def test_pruned_model_predicts_held_out_style_text(model, sp):
 
 
 def test_tokenizer_pieces_equal_the_gguf_vocabulary(sp):
+    """Provenance: the vocabulary is stories260K's, piece for piece (needs that file)."""
     gguf = pytest.importorskip("gguf")
-    if not STORIES_GGUF.is_file():
-        pytest.skip(f"{STORIES_GGUF} not present")
-    reader = gguf.GGUFReader(str(STORIES_GGUF))
+    reader = gguf.GGUFReader(str(shared_fixture("stories260K.gguf")))
     tokens = reader.get_field(gguf.Keys.Tokenizer.LIST).contents()
     scores = reader.get_field(gguf.Keys.Tokenizer.SCORES).contents()
     types = reader.get_field(gguf.Keys.Tokenizer.TOKEN_TYPE).contents()
@@ -139,11 +138,10 @@ def test_tokenizer_pieces_equal_the_gguf_vocabulary(sp):
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, BOS, EOS)
 
 
-def test_tokenizer_splits_like_llama_cpp(sp):
+def test_tokenizer_splits_like_llama_cpp(sp, demo_gguf):
+    """sentencepiece on tokenizer.model and llama.cpp on the exported GGUF split alike."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    if not STORIES_GGUF.is_file():
-        pytest.skip(f"{STORIES_GGUF} not present")
-    reference = llama_cpp.Llama(str(STORIES_GGUF), vocab_only=True, verbose=False)
+    reference = llama_cpp.Llama(str(demo_gguf), vocab_only=True, verbose=False)
     for text in HARD_STRINGS:
         ours = sp.encode(text)
         theirs = reference.tokenize(text.encode("utf-8"), add_bos=False, special=False)

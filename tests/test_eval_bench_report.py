@@ -8,49 +8,46 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from checkpoints import FIXTURES
 from shortquant.errors import BackendError, EvalError
 from shortquant.evaluate.report import pareto_front, plot_report
 from shortquant.evaluate.results import markdown_table, read_results, write_results
 
-STORIES = FIXTURES / "stories260K.gguf"
 
 
-def _need_stories():
-    if not STORIES.is_file():
-        pytest.skip(f"{STORIES} not present")
+@pytest.fixture
+def model(demo_gguf):
+    """The embedded demo model as F32 GGUF: a real trained model."""
     pytest.importorskip("llama_cpp")
+    return demo_gguf
 
 
-def test_bench_on_cpu_gives_positive_rates():
-    _need_stories()
+def test_bench_on_cpu_gives_positive_rates(model):
     from shortquant.evaluate.bench import bench_file
 
-    speed = bench_file(STORIES, n_prompt=32, n_gen=8, reps=3, threads=1)
+    speed = bench_file(model, n_prompt=32, n_gen=8, reps=3, threads=1)
     assert set(speed) == {"pp32", "tg8", "threads", "gpu_layers", "backend"}
     for key in ("pp32", "tg8"):
         assert speed[key]["mean"] > 0 and speed[key]["std"] >= 0
     assert speed["threads"] == 1 and speed["gpu_layers"] == 0 and speed["backend"] == "CPU"
 
 
-def test_gpu_layers_without_gpu_backend_says_how_to_install(monkeypatch):
-    _need_stories()
+def test_gpu_layers_without_gpu_backend_says_how_to_install(monkeypatch, model):
     from shortquant.evaluate import bench, llama_backend
     from shortquant.evaluate.commands import bench_command
 
     monkeypatch.setattr(llama_backend, "supports_gpu_offload", lambda: False)
     with pytest.raises(BackendError) as info:
-        bench.bench_file(STORIES, gpu_layers=99)
+        bench.bench_file(model, gpu_layers=99)
     message = str(info.value)
     assert "\n" not in message
     assert 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python' in message
     assert BackendError.exit_code == 2
-    result = CliRunner().invoke(bench_command, [str(STORIES), "--gpu-layers", "99"])
+    result = CliRunner().invoke(bench_command, [str(model), "--gpu-layers", "99"])
     assert isinstance(result.exception, BackendError)
 
 
 def test_real_gpu_flag_matches_the_build():
-    _need_stories()
+    pytest.importorskip("llama_cpp")
     from shortquant.evaluate import llama_backend
 
     import llama_cpp
@@ -116,15 +113,14 @@ def test_report_plot_with_unpruned_series(tmp_path):
     assert plot_report([read_results(only_ppl)], tmp_path / "ppl.png").is_file()
 
 
-def test_eval_command_json_and_results_file(tmp_path):
-    _need_stories()
+def test_eval_command_json_and_results_file(tmp_path, model):
     from shortquant.evaluate.commands import eval_command
 
     out = tmp_path / "results.json"
-    result = CliRunner().invoke(eval_command, [str(STORIES), "--ctx", "64", "--chunks", "4",
+    result = CliRunner().invoke(eval_command, [str(model), "--ctx", "64", "--chunks", "4",
                                                "--threads", "1", "--quiet", "--json",
                                                "-o", str(out), "--cache-dir", str(tmp_path / "c"),
-                                               "--base", str(STORIES)])
+                                               "--base", str(model)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data == json.loads(out.read_text())
@@ -133,6 +129,6 @@ def test_eval_command_json_and_results_file(tmp_path):
     assert data["settings"]["ctx"] == 64 and data["settings"]["chunks"] == 4
     assert set(data["settings"]["text"]) == {"path", "sha256", "tokens"}
     entry = data["files"][0]
-    assert entry["file"] == "stories260K.gguf" and entry["type"] == "F32"
+    assert entry["file"] == model.name and entry["type"] == "F32"
     assert entry["kld"]["same_top1"] == 1.0 and entry["speed"] is None
-    assert entry["n_params"] == 292_800 and entry["bytes"] == STORIES.stat().st_size
+    assert entry["n_params"] == 4_984_064 and entry["bytes"] == model.stat().st_size  # models/README.md

@@ -7,18 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from checkpoints import FIXTURES
 from shortquant.errors import EvalError
 from shortquant.evaluate.perplexity import (DEFAULT_TEXT, NllStats, read_text, split_chunks)
 
-STORIES = FIXTURES / "stories260K.gguf"
 CTX = 128
 
 
-def _need_stories():
-    if not STORIES.is_file():
-        pytest.skip(f"{STORIES} not present")
+@pytest.fixture
+def model(demo_gguf):
+    """The embedded demo model as F32 GGUF: a real trained model."""
     pytest.importorskip("llama_cpp")
+    return demo_gguf
 
 
 def test_split_chunks_follows_llama_perplexity():
@@ -80,43 +79,40 @@ def _reference_perplexity(path, text, ctx):
     return ppl, err, len(tokens)
 
 
-def test_perplexity_matches_independent_numpy():
-    _need_stories()
+def test_perplexity_matches_independent_numpy(model):
     from shortquant.evaluate.runner import evaluate_files
 
-    data = evaluate_files([STORIES], None, ctx=CTX, threads=1)
-    ppl, err, n_tokens = _reference_perplexity(STORIES, read_text(DEFAULT_TEXT), CTX)
+    data = evaluate_files([model], None, ctx=CTX, threads=1)
+    ppl, err, n_tokens = _reference_perplexity(model, read_text(DEFAULT_TEXT), CTX)
     entry = data["files"][0]
     assert entry["ppl"] == pytest.approx(ppl, rel=1e-4)
     assert entry["ppl_err"] == pytest.approx(err, rel=1e-3)
     assert data["settings"]["text"]["tokens"] == n_tokens
     assert data["settings"]["chunks"] == n_tokens // CTX
     assert entry["type"] == "F32" and entry["bpw"] == pytest.approx(32.0)
-    assert 3.0 < entry["ppl"] < 10.0  # a trained model on its own kind of text
+    assert 5.0 < entry["ppl"] < 40.0  # a trained model on its kind of text (~20; random weights: ~512)
 
 
-def test_text_shorter_than_two_chunks_is_refused(tmp_path):
-    _need_stories()
+def test_text_shorter_than_two_chunks_is_refused(tmp_path, model):
     from shortquant.evaluate.runner import evaluate_files
 
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.\n")
     with pytest.raises(EvalError) as info:
-        evaluate_files([STORIES], short, ctx=CTX)
+        evaluate_files([model], short, ctx=CTX)
     assert "needs at least 256" in str(info.value) and str(short) in str(info.value)
 
 
-def test_same_number_as_llama_perplexity():
+def test_same_number_as_llama_perplexity(model):
     """Runs only where scripts/perplexity_vs_llama_cpp.py has built and cached the tool."""
-    _need_stories()
     from shortquant.evaluate.llama_tools import cached_tool, run_llama_perplexity
     from shortquant.evaluate.perplexity import open_for_eval, perplexity
 
     tool = cached_tool()
     if tool is None:
         pytest.skip("no cached llama-perplexity build (run scripts/perplexity_vs_llama_cpp.py)")
-    ref_ppl, ref_err = run_llama_perplexity(tool, STORIES, DEFAULT_TEXT, CTX, threads=1)
-    with open_for_eval(STORIES, CTX, threads=1) as model:
-        ours = perplexity(model, read_text(DEFAULT_TEXT), CTX)
+    ref_ppl, ref_err = run_llama_perplexity(tool, model, DEFAULT_TEXT, CTX, threads=1)
+    with open_for_eval(model, CTX, threads=1) as loaded:
+        ours = perplexity(loaded, read_text(DEFAULT_TEXT), CTX)
     assert f"{ours.ppl:.4f}" == f"{ref_ppl:.4f}"
     assert ours.err == pytest.approx(ref_err, abs=1e-5)

@@ -8,21 +8,18 @@ import gguf
 import numpy as np
 import pytest
 
-from checkpoints import FIXTURES
 from shortquant.errors import PublishError
 from shortquant.publish.split import parse_size, parse_split_name, split_gguf, split_name, split_parts
 
-STORIES = FIXTURES / "stories260K.gguf"
 SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
               gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
 
 
 @pytest.fixture
-def stories(tmp_path):
-    if not STORIES.is_file():
-        pytest.skip(f"{STORIES} not present")
-    path = tmp_path / "stories260K.gguf"
-    shutil.copy(STORIES, path)
+def model(tmp_path, demo_gguf):
+    """A copy of the demo model's F32 file (20 MB, 57 tensors of 1 KB to 786 KB)."""
+    path = tmp_path / "demo.gguf"
+    shutil.copy(demo_gguf, path)
     return path
 
 
@@ -36,22 +33,22 @@ def _logits(path, text=b"Once upon a time, there was a little girl"):
     return scores
 
 
-def test_split_files_load_in_llama_cpp_with_same_logits(stories):
-    parts = split_gguf(stories, "400K", progress=False)
+def test_split_files_load_in_llama_cpp_with_same_logits(model):
+    parts = split_gguf(model, "4M", progress=False)
     assert len(parts) >= 3
-    assert [p.name for p in parts] == [f"stories260K-{i:05d}-of-{len(parts):05d}.gguf"
+    assert [p.name for p in parts] == [f"demo-{i:05d}-of-{len(parts):05d}.gguf"
                                        for i in range(1, len(parts) + 1)]
-    assert not list(stories.parent.glob("*.part"))
-    reference = _logits(stories)
+    assert not list(model.parent.glob("*.part"))
+    reference = _logits(model)
     from_split = _logits(parts[0])
     assert reference.shape == from_split.shape and np.abs(reference).max() > 1
     assert np.array_equal(reference, from_split)
 
 
-def test_split_layout_follows_gguf_split(stories):
-    original = gguf.GGUFReader(stories)
-    max_bytes = parse_size("400K")
-    parts = split_gguf(stories, max_bytes, progress=False)
+def test_split_layout_follows_gguf_split(model):
+    original = gguf.GGUFReader(model)
+    max_bytes = parse_size("4M")
+    parts = split_gguf(model, max_bytes, progress=False)
     readers = [gguf.GGUFReader(p) for p in parts]
     copied = [k for k in original.fields if not k.startswith("GGUF.")]
 
@@ -80,21 +77,21 @@ def test_split_layout_follows_gguf_split(stories):
         assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8))
 
 
-def test_a_tensor_larger_than_the_limit_gets_its_own_part(stories, tmp_path):
-    parts = split_gguf(stories, 1, outdir=tmp_path / "parts", progress=False)
-    assert len(parts) == len(gguf.GGUFReader(stories).tensors)
+def test_a_tensor_larger_than_the_limit_gets_its_own_part(model, tmp_path):
+    parts = split_gguf(model, 1, outdir=tmp_path / "parts", progress=False)
+    assert len(parts) == len(gguf.GGUFReader(model).tensors)
     assert all(p.parent == tmp_path / "parts" for p in parts)
 
 
-def test_small_file_is_not_split(stories):
-    assert split_gguf(stories, "48G", progress=False) == [stories]
-    assert sorted(p.name for p in stories.parent.iterdir()) == [stories.name]
+def test_small_file_is_not_split(model):
+    assert split_gguf(model, "48G", progress=False) == [model]
+    assert sorted(p.name for p in model.parent.iterdir()) == [model.name]
 
 
-def test_split_file_is_not_split_again(stories):
-    parts = split_gguf(stories, "400K", progress=False)
+def test_split_file_is_not_split_again(model):
+    parts = split_gguf(model, "4M", progress=False)
     with pytest.raises(PublishError, match="already a split file"):
-        split_gguf(parts[0], "100K", progress=False)
+        split_gguf(parts[0], "1M", progress=False)
 
 
 @pytest.mark.parametrize("text, expected", [("48G", 48 * 10**9), ("500M", 5 * 10**8), ("300k", 300_000),

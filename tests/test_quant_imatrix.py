@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import FIXTURES, TinySpec, build_model, save_model
+from checkpoints import TinySpec, build_model, save_model
 from shortquant.errors import QuantError
 from shortquant.quant.imatrix import (
     Imatrix,
@@ -194,16 +194,14 @@ def test_imatrix_for_another_model():
         match_model(im, {"blk.0.ffn_down.weight": (64, 128)})
 
 
-def test_imatrix_command(tmp_path):
+def test_imatrix_command(tmp_path, small_tokenizer):
     from click.testing import CliRunner
 
     from shortquant.quant.commands import imatrix_command
 
-    tokenizer = FIXTURES / "llama-tokenizer.model"
-    if not tokenizer.is_file():
-        pytest.skip("fixture llama-tokenizer.model not present")
+    tokenizer, vocab_size = small_tokenizer
     spec = TinySpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=32000)
+                    num_key_value_heads=2, vocab_size=vocab_size)
     folder = save_model(build_model(spec), tmp_path / "tiny", tokenizer_model=tokenizer)
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)

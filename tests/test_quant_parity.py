@@ -24,7 +24,6 @@ from shortquant.quant.types import parse_quant
 
 T = gguf.GGMLQuantizationType
 llama_cpp = pytest.importorskip("llama_cpp")
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,15 +216,15 @@ def test_row_length_fallbacks_match_llama_cpp(tmp_path, quant):
         assert types["output.weight"] == T.Q8_0           # output of a non-256 row
 
 
-def test_stories260k_fallbacks_match_llama_cpp(tmp_path):
-    """A real trained model whose widths (64, 172) fit no K-quant block."""
-    path = FIXTURES / "stories260K.gguf"
-    if not path.is_file():
-        pytest.skip("fixture stories260K.gguf not present")
-    reader = gguf.GGUFReader(path)
+def test_real_trained_model_matches_llama_cpp(tmp_path, demo_gguf):
+    """A real trained model: the demo (depth-pruned to 6 blocks), weights no generator made."""
+    reader = gguf.GGUFReader(demo_gguf)
     tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
                for t in reader.tensors}
-    for quant in ("q4_k_m", "q6_k"):
-        dst = tmp_path / f"stories-{quant}.gguf"
-        assert llama_quantize(path, dst, quant) == 0
-        assert_parity(dst, tensors, quant, n_layer=5, n_head=8, n_head_kv=4)
+    shape = {key: int(reader.get_field(f"llama.{field}").contents())
+             for key, field in (("n_layer", "block_count"), ("n_head", "attention.head_count"),
+                                ("n_head_kv", "attention.head_count_kv"))}
+    for quant in ("q4_k_m", "q6_k", "q3_k_s"):
+        dst = tmp_path / f"demo-{quant}.gguf"
+        assert llama_quantize(demo_gguf, dst, quant) == 0
+        assert_parity(dst, tensors, quant, **shape)

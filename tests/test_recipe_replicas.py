@@ -1,7 +1,8 @@
 """Replicas of the six Shortened-LLaMA releases, exported with their recipes.
 
-Each replica has its release's configuration and tokenizer layout (LLaMA tokenizer.model,
-tokenizer_config.json, special_tokens_map.json, the release's block count) but tiny widths.
+Each replica has its release's configuration and tokenizer layout (a sentencepiece
+tokenizer.model, tokenizer_config.json, special_tokens_map.json, the release's block count) but
+tiny widths and the demo model's 512-piece tokenizer in place of LLaMA's (not ours to ship).
 The exported GGUF must carry the release's provenance, and the card the right front matter.
 """
 
@@ -27,10 +28,11 @@ def value(reader, key):
 
 
 def make_replica(folder, recipe, tokenizer):
+    tokenizer_model, vocab_size = tokenizer
     model = build_model(TinySpec(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                 num_key_value_heads=4, num_hidden_layers=recipe.block_count, vocab_size=32000,
+                                 num_key_value_heads=4, num_hidden_layers=recipe.block_count, vocab_size=vocab_size,
                                  rms_norm_eps=1e-6, max_position_embeddings=2048))
-    save_model(model, folder, tokenizer_model=tokenizer)
+    save_model(model, folder, tokenizer_model=tokenizer_model)
     config = json.loads((folder / "config.json").read_text())
     config.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "pad_token_id": 0,
                    "torch_dtype": "float16", "_name_or_path": recipe.base_model})
@@ -45,10 +47,10 @@ def make_replica(folder, recipe, tokenizer):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
-def test_replica_export_carries_provenance_and_card(tmp_path, llama_tokenizer, recipe):
+def test_replica_export_carries_provenance_and_card(tmp_path, small_tokenizer, recipe):
     from huggingface_hub import ModelCard
 
-    src = make_replica(tmp_path / recipe.name, recipe, llama_tokenizer)   # folder named as the release
+    src = make_replica(tmp_path / recipe.name, recipe, small_tokenizer)   # folder named as the release
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["export", str(src), "--quant", "q8_0", "--out", str(out), "--quiet",
                                        "--card"])
@@ -76,19 +78,19 @@ def test_replica_export_carries_provenance_and_card(tmp_path, llama_tokenizer, r
     assert "non-commercial" in card.text.lower()
 
 
-def test_explicit_recipe_on_any_folder_name(tmp_path, llama_tokenizer):
+def test_explicit_recipe_on_any_folder_name(tmp_path, small_tokenizer):
     recipe = next(r for r in RECIPES if r.name == "st-vicuna-v1.3-5.5b-taylor")
-    src = make_replica(tmp_path / "local-copy", recipe, llama_tokenizer)
+    src = make_replica(tmp_path / "local-copy", recipe, small_tokenizer)
     result = CliRunner().invoke(main, ["inspect", str(src), "--recipe", recipe.name])
     assert result.exit_code == 0, result.output
     assert "removed original blocks: [24, 25, 26, 27, 28, 29]" in result.output
     assert "blk.24  <- source block 24, original block 30" in result.output
 
 
-def test_recipe_with_wrong_block_count_is_refused(tmp_path, llama_tokenizer):
+def test_recipe_with_wrong_block_count_is_refused(tmp_path, small_tokenizer):
     recipe = next(r for r in RECIPES if r.name == "st-vicuna-v1.3-10.5b-ppl")   # keeps 32 of 40
     small = next(r for r in RECIPES if r.name == "st-llama-1-5.5b-ppl")         # 26 blocks
-    src = make_replica(tmp_path / "x", small, llama_tokenizer)
+    src = make_replica(tmp_path / "x", small, small_tokenizer)
     result = CliRunner().invoke(main, ["export", str(src), "--recipe", recipe.name, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "recipe st-vicuna-v1.3-10.5b-ppl names 32 blocks but the checkpoint holds 26" in result.stderr

@@ -18,9 +18,11 @@ import pytest
 from shortquant.chat_templates import CHAT_TEMPLATES, VICUNA_SYSTEM_PROMPT, chat_template
 from shortquant.errors import TokenizerError
 from shortquant.tokenizer import TokenizerSpec, read_tokenizer, write_tokenizer
-from tests.checkpoints import FIXTURES
+from shortquant.resources import demo_model
+from tests.checkpoints import FIXTURES, shared_fixture
 
-LLAMA_TOKENIZER = FIXTURES / "llama-tokenizer.model"
+LLAMA_TOKENIZER = FIXTURES / "llama-tokenizer.model"   # Meta's, 32000 pieces: ../shared only
+DEMO_TOKENIZER = demo_model() / "tokenizer.model"        # ours, 512 pieces: always here
 TokenType = gguf.TokenType
 
 # What lmsys/vicuna-7b-v1.3 ships beside its tokenizer.model (abridged to the fields we read).
@@ -72,10 +74,10 @@ HARD_STRINGS = [
 # ---------------------------------------------------------------------------------- helpers
 
 def make_folder(root: Path, name: str, files: dict[str, object] | None = None,
-                model: Path | None = LLAMA_TOKENIZER) -> Path:
+                model: Path | None = DEMO_TOKENIZER) -> Path:
     """A checkpoint-like folder with tokenizer.model and the given JSON side files."""
-    if model is not None and not model.is_file():
-        pytest.skip(f"{model} not available")
+    if model == LLAMA_TOKENIZER:
+        shared_fixture(LLAMA_TOKENIZER.name)
     folder = root / name
     folder.mkdir()
     if model is not None:
@@ -139,18 +141,16 @@ K = gguf.Keys.Tokenizer
 
 @pytest.fixture(scope="module")
 def sp():
-    if not LLAMA_TOKENIZER.is_file():
-        pytest.skip(f"{LLAMA_TOKENIZER} not available")
     from sentencepiece import SentencePieceProcessor
 
-    return SentencePieceProcessor(model_file=str(LLAMA_TOKENIZER))
+    return SentencePieceProcessor(model_file=str(shared_fixture(LLAMA_TOKENIZER.name)))
 
 
 @pytest.fixture(scope="module")
 def vicuna(tmp_path_factory, sp):
     """(spec, gguf path, llama-cpp-python vocab) for a Vicuna v1.3-style folder."""
     root = tmp_path_factory.mktemp("vicuna")
-    folder = make_folder(root, "vicuna-7b-v1.3", {
+    folder = make_folder(root, "vicuna-7b-v1.3", model=LLAMA_TOKENIZER, files={
         "tokenizer_config.json": VICUNA_TOKENIZER_CONFIG,
         "special_tokens_map.json": VICUNA_SPECIAL_TOKENS_MAP,
         "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
@@ -173,7 +173,7 @@ def extended(tmp_path_factory, sp):
         "32000": {"content": "<pad>", "special": True},
         "32001": {"content": "<|im_end|>", "special": False},
     }
-    folder = make_folder(root, "extended", {
+    folder = make_folder(root, "extended", model=LLAMA_TOKENIZER, files={
         "tokenizer_config.json": config,
         "added_tokens.json": {"<pad>": 32000, "<|im_end|>": 32001, "\u2581shortquant": 32002},
     })
@@ -248,7 +248,7 @@ def test_llama_cpp_reads_special_ids(vicuna):
 
 def test_add_bos_and_eos_flags_follow_tokenizer_config(tmp_path, sp):
     folder = make_folder(tmp_path, "flags", {"tokenizer_config.json": {
-        "add_bos_token": False, "add_eos_token": True}})
+        "add_bos_token": False, "add_eos_token": True}}, model=LLAMA_TOKENIZER)
     spec = read_tokenizer(folder)
     assert (spec.add_bos, spec.add_eos) == (False, True)
     path = write_vocab_gguf(spec, tmp_path / "flags.gguf")
@@ -320,14 +320,14 @@ def test_llama_cpp_sees_added_and_padding_tokens(extended, sp):
 
 
 def test_added_token_beyond_the_embedding_is_left_out(tmp_path):
-    folder = make_folder(tmp_path, "short", {"added_tokens.json": {"<pad>": 32000}})
+    folder = make_folder(tmp_path, "short", {"added_tokens.json": {"<pad>": 32000}}, model=LLAMA_TOKENIZER)
     spec = read_tokenizer(folder, vocab_size=32000)
     assert spec.vocab_size == 32000 and spec.added == ()
     assert any("<pad>" in w for w in spec.warnings)
 
 
 def test_embedding_smaller_than_tokenizer_is_an_error(tmp_path):
-    folder = make_folder(tmp_path, "small")
+    folder = make_folder(tmp_path, "small", model=LLAMA_TOKENIZER)
     with pytest.raises(TokenizerError, match="32000 pieces but the model's embedding has only 512"):
         read_tokenizer(folder, vocab_size=512)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from checkpoints import FIXTURES
+from checkpoints import shared_fixture
 from families import build_family_model, make_bpe_tokenizer
 from shortquant.cli import main
 from shortquant.errors import TokenizerError
@@ -61,9 +61,7 @@ def test_llama_cpp_vectors_pass_through_our_gguf(tmp_path, name):
     import gguf
     import llama_cpp
 
-    folder = FIXTURES / "tokenizers" / name
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not present")
+    folder = shared_fixture(f"tokenizers/{name}")
     vectors = read_vectors(name)
     family, rows = FIXTURE_TOKENIZERS[name]
     path = export_with_tokenizer(tmp_path, folder, family, rows)
@@ -76,9 +74,7 @@ def test_llama_cpp_vectors_pass_through_our_gguf(tmp_path, name):
 
 
 def test_fixture_tokenizers_read_as_llama_cpp_expects():
-    folder = FIXTURES / "tokenizers" / "llama-bpe"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not present")
+    folder = shared_fixture("tokenizers/llama-bpe")
     spec = read_tokenizer(folder, vocab_size=128256)
     assert (spec.model, spec.pre, spec.vocab_size, len(spec.merges)) == ("gpt2", "llama-bpe", 128256, 280147)
     assert (spec.bos_id, spec.eos_id, spec.eot_id, spec.add_bos, spec.add_eos) == (128000, 128001, 128009, True,
