@@ -109,3 +109,52 @@ def test_legacy_imatrix_claiming_more_values_than_it_holds(tmp_path):
     path.write_bytes(struct.pack("<ii", 1, len(name)) + name + struct.pack("<ii", 1, 2**30) + bytes(16))
     with pytest.raises(QuantError, match="truncated legacy imatrix"):
         read_imatrix(path)
+
+
+# -- tokenizers (shortquant/tokenizer/, issue 8's code): found by the fuzz run, fixes pending -----------
+
+def _within(seconds: int):
+    """Fail (not hang) when the block runs longer than ``seconds``."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def expire(signum, frame):
+            raise AssertionError(f"still running after {seconds} s (a size claimed by the file believed?)")
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    return guard()
+
+
+def test_sentencepiece_piece_that_is_not_utf8(tmp_path, small_tokenizer):
+    import random
+
+    from fuzz_readers import mutate_bytes
+    from shortquant.tokenizer import read_tokenizer
+
+    # The fuzz case that found it (seed 0, tokenizer-model, case 70), rebuilt from the demo tokenizer.
+    data = mutate_bytes(small_tokenizer[0].read_bytes(), random.Random("0:tokenizer-model:70"))
+    (tmp_path / "tokenizer.model").write_bytes(data)
+    try:
+        read_tokenizer(tmp_path, vocab_size=small_tokenizer[1])
+    except ShortquantError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_bpe_vocab_claiming_id_2_to_the_31(tmp_path):
+    from fuzz_readers import make_bpe_tokenizer
+    from shortquant.tokenizer import read_tokenizer
+
+    folder = make_bpe_tokenizer(tmp_path / "bpe")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    token = next(iter(t for t, i in data["model"]["vocab"].items() if i == 100))
+    data["model"]["vocab"][token] = 2**31
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with _within(3), pytest.raises(ShortquantError):   # 3 s: the runaway loop also eats memory
+        read_tokenizer(folder, pre="gpt-2")
