@@ -24,7 +24,8 @@ from pathlib import Path
 from shortquant.chat_templates import chat_template as builtin_chat_template
 from shortquant.errors import TokenizerError
 
-from .hf_files import SideFiles, added_token_entries, chat_template, flag, looks_special, read_json_object
+from .hf_files import (SideFiles, added_token_entries, chat_template, check_dense, flag, looks_special,
+                       read_json_object)
 from .pre_tokenizer import check_pre_name, detect_pre
 from .spec import BPE, TokenizerSpec, TokenType
 
@@ -65,6 +66,8 @@ def read_bpe(folder: Path, chat_template_name: str | None = None, vocab_size: in
     entries = added_token_entries(folder, side.tokenizer_config, data)
     too_far = max(vocab.values(), default=-1)
     rows = vocab_size if vocab_size is not None else max([too_far, *(i for i, _, _ in entries)]) + 1
+    if vocab_size is None:
+        check_dense(rows, len(vocab) + len(entries), path)
     if too_far >= rows:
         raise TokenizerError(f"the vocabulary has token id {too_far} but the model's embedding has only "
                              f"{rows} rows", path)

@@ -41,6 +41,14 @@ class SideFiles:
                           (self.generation_config, self.model_config))
 
 
+def check_dense(size: int, entries: int, path: Path) -> None:
+    """Token ids are dense: a vocabulary whose highest id lies far past its entry count is damaged
+    (and padding it would take as many tokens as that id)."""
+    if size > 2 * entries + 65536:
+        raise TokenizerError(f"token id {size - 1} lies far past the {entries} tokens defined "
+                             f"(ids must be dense)", path)
+
+
 def flag(config: dict, key: str, default: bool):
     value = config.get(key)
     return default if value is None else value

@@ -28,7 +28,8 @@ from pathlib import Path
 from shortquant.chat_templates import chat_template as builtin_chat_template
 from shortquant.errors import TokenizerError
 
-from .hf_files import SPECIAL_KINDS, added_token_entries, flag, looks_special, read_json_object, special_id
+from .hf_files import (SPECIAL_KINDS, added_token_entries, check_dense, flag, looks_special, read_json_object,
+                       special_id)
 from .hf_files import chat_template as hf_chat_template
 from .spec import SENTENCEPIECE, TokenizerSpec, TokenType
 
@@ -78,7 +79,10 @@ def read_sentencepiece(folder: Path, chat_template: str | None = None,
     types: dict[int, TokenType] = {}
     text_to_id: dict[str, int] = {}
     for i in range(n_pieces):
-        piece = sp.id_to_piece(i)
+        try:
+            piece = sp.id_to_piece(i)
+        except UnicodeDecodeError:
+            raise TokenizerError(f"piece {i} is not valid UTF-8", model_path) from None
         tokens[i] = piece.encode("utf-8")
         scores[i] = float(sp.get_score(i))
         types[i] = _piece_type(sp, i)
@@ -104,6 +108,7 @@ def read_sentencepiece(folder: Path, chat_template: str | None = None,
         added[token_id] = (text, kind)
 
     size = max([n_pieces, vocab_size or 0, *(i + 1 for i in added)])
+    check_dense(size, n_pieces + len(added), model_path)
     n_padding = 0
     for i in range(size):
         if i not in tokens:
