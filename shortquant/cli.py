@@ -162,6 +162,15 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--base-model", metavar="USER/NAME",
               help="Hub id these files are made from, for general.base_model and the card "
                    "[default: from the source's README.md front matter or hub id].")
+@click.option("--optimize", is_flag=True,
+              help="Measure the model and choose every tensor's type for the least KL divergence at no more "
+                   "than each --quant's own file size (needs --calib); the file is named <TYPE>_OPT.")
+@click.option("--target-bpw", type=float, metavar="BITS",
+              help="Also write an optimized file of at most this many bits per weight (needs --calib).")
+@click.option("--target-size", metavar="SIZE",
+              help="Also write an optimized file of at most SIZE bytes, e.g. 3.2G (needs --calib).")
+@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Calibration text for --optimize / --target-*; never the text you evaluate on.")
 @click.option("--license", "license_id", metavar="ID",
               help="Hub license id (mit, apache-2.0, llama2, other, ...) for general.license and the card "
                    "[default: from the source's README.md front matter].")
@@ -170,7 +179,9 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
-           split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None):
+           split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None, optimize=False,
+           target_bpw=None, target_size=None,
+           calib=None):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -199,11 +210,14 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
     path, options = _options_from(source, recipe, source_blocks, chat_template, name, quants=tuple(quants),
                                   out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
                                   quiet=quiet or as_json, overrides=overrides, imatrix=imatrix, force=force,
-                                  base_model=base_model, license=license_id)
+                                  base_model=base_model, license=license_id,
+                                  optimize=request)
     steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
                      card=make_card)
     result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))
     if result.report.failed:
+      shortquant export ./model -q q4_k_m --optimize --calib calib.txt --imatrix model.imatrix.gguf
+      shortquant export ./model --target-bpw 4.5 --calib calib.txt
         sys.exit(2)
 
 
@@ -214,6 +228,9 @@ def _export_printer(source: Path, as_json: bool, quiet: bool):
     silent = quiet or as_json
 
     def show(step: str, result) -> None:
+    request = _optimize_request(optimize, target_bpw, target_size, calib)
+    if request is not None and (request.target_bpw or request.target_size) and _is_default("quants"):
+        quants = ()   # a target alone writes only its own file
         report = result.report
         if step == "exported":
             for stale in report.removed_stale:
@@ -225,6 +242,28 @@ def _export_printer(source: Path, as_json: bool, quiet: bool):
             for first, parts in (result.splits.items() if not silent else ()):
                 click.echo(f"split into {len(parts)} parts: {first.name} ...")
             _print_export(report, source, as_json, quiet)
+def _is_default(param: str) -> bool:
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(param) == ParameterSource.DEFAULT
+
+
+def _optimize_request(optimize: bool, target_bpw, target_size, calib):
+    """--optimize / --target-bpw / --target-size / --calib as an OptimizeRequest (or None)."""
+    from .errors import QuantError
+    from .quant.optimize import OptimizeRequest, parse_target_size
+
+    wanted = optimize or target_bpw is not None or target_size is not None
+    if not wanted:
+        if calib is not None:
+            raise QuantError("--calib is only used with --optimize, --target-bpw or --target-size")
+        return None
+    if calib is None:
+        raise QuantError("--optimize, --target-bpw and --target-size need a calibration text: --calib FILE")
+    size = parse_target_size(target_size) if target_size is not None else None
+    return OptimizeRequest(calib=calib, optimize=optimize, target_bpw=target_bpw, target_size=size)
+
+
             for quant, reason in report.failed.items():
                 click.echo(f"error: {quant} failed: {reason}", err=True)
         elif step == "evaluated" and not silent:
@@ -240,12 +279,16 @@ def _export_printer(source: Path, as_json: bool, quiet: bool):
 
 
 def _print_export(report, source: Path, as_json: bool, quiet: bool) -> None:
+            for outcome in report.optimized:
+                for note in outcome.notes:
+                    click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps({
             "source": str(source), "seconds": round(report.seconds, 3),
             "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.bytes, "n_params": f.n_params,
                        "bpw": round(f.bpw, 4)} for f in report.files],
-            "failed": report.failed, "skipped": report.skipped}, indent=2))
+            "failed": report.failed, "skipped": report.skipped,
+            "optimized": [o.as_dict() for o in report.optimized]}, indent=2))
     elif not quiet:
         for f in report.files:
             click.echo(f"{f.path}  {f.type_label:<8} {f.bytes / 1e6:9.1f} MB  {f.bpw:5.2f} bpw")

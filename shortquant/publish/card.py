@@ -75,6 +75,9 @@ RECOMMEND_MIN_TOP1 = 0.90
 
 def type_note(type_name: str) -> str:
     """The "Use" text of a file type; a type newer than this table still gets a true sentence."""
+    if type_name.endswith("_OPT"):
+        return (f"a measured variant of {type_name[:-4]}: each tensor's type chosen by measuring this model, "
+                "within a byte budget (shortquant export --optimize)")
     return TYPE_NOTES.get(type_name) or f"llama.cpp type {type_name}; see the measured columns"
 
 
@@ -146,6 +149,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
             type_name = str(file_type)
     else:
         type_name = max(type_counts, key=type_counts.get) if type_counts else "?"
+    if keys.OPTIMIZE_BUDGET in metadata:   # a measured mix: a variant of its file type, named so
+        type_name += "_OPT"
     return GGUFFile(parts=parts, metadata=metadata, n_params=n_params, tensor_bytes=tensor_bytes,
                     type=type_name, sizes=[p.stat().st_size for p in parts])
 

@@ -310,7 +310,7 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
         cands = candidate_types(t.shape, has_imatrix=has_imatrix, extra=extra_types.get(t.name, ()),
                                 embedding_or_output=special)
         data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
-        col_w = prober.col_sq.get(t.source) if role != TOKEN_EMBD else None
+        col_w = prober.column_weights(t.source) if role != TOKEN_EMBD else None
         row_w = prober.token_counts[: t.shape[0]] / max(prober.token_counts.sum(), 1) if role == TOKEN_EMBD else None
         probe = special or block_of(t.name) in probed_blocks
         ptype = _probe_type(cands)
@@ -513,7 +513,7 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
         probe_slice, verify_slice = slice(0, settings.probe_chunks), slice(settings.probe_chunks, len(chunks))
         reused = False
     del probe_slice
-    prober = Prober(plan.source, chunks, settings.threads)
+    prober = Prober(plan.source, chunks, settings.threads, plan.block_map.stored)
     extra_types: dict[str, set[T]] = {}
     for target in targets:
         if target.reference is not None:

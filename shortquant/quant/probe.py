@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -50,28 +51,75 @@ def calibration_tokens(model_dir: Path, text: str) -> tuple[list[int], int | Non
     raise TokenizerError("no tokenizer.model or tokenizer.json to tokenize the calibration text", model_dir)
 
 
-def load_hf_model(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError) as exc:
+
+def load_hf_model(model_dir: Path, stored_blocks: Sequence[int] | None = None):
+    """The checkpoint as a transformers model in float32, eval mode.
+
+    ``stored_blocks``: the block indices the weights carry (the plan's ``block_map.stored``).
+    When they are not ``0..N-1`` or the config counts another number of blocks (a pruned
+    checkpoint saved with gaps or a stale ``num_hidden_layers``), transformers would build the
+    wrong model (random blocks where the removed ones were), so the model is built with N
+    blocks and the weights are loaded renumbered.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def fail(exc):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"transformers cannot load the model to measure it: {first}", model_dir) from None
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        n = len(stored_blocks) if stored_blocks is not None else None
+        if n is None or (list(stored_blocks) == list(range(n)) and config.num_hidden_layers == n):
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        config.num_hidden_layers = n
+        for key in ("layer_types",):   # per-layer lists follow the kept blocks
+            if isinstance(getattr(config, key, None), list):
+                setattr(config, key, [getattr(config, key)[i] for i in stored_blocks])
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        fail(exc)
+    from ..source.checkpoint import open_checkpoint
+
+    renumber = {old: new for new, old in enumerate(stored_blocks)}
+    state = {}
+    for name, ref in open_checkpoint(Path(model_dir)).tensors.items():
+        name = _LAYER.sub(lambda m: f".layers.{renumber[int(m.group(1))]}.", name)
+        state[name] = torch.from_numpy(ref.load().reshape(ref.shape))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SourceError(f"cannot map the checkpoint's weights onto the model to measure it "
+                          f"(missing {missing[:2]}, unexpected {unexpected[:2]})", model_dir)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def hf_name(source: str, stored_blocks: Sequence[int] | None) -> str:
+    """The model's parameter name of a checkpoint tensor (blocks renumbered 0..N-1)."""
+    if stored_blocks is None:
+        return source
+    renumber = {old: new for new, old in enumerate(stored_blocks)}
+    return _LAYER.sub(lambda m: f".layers.{renumber.get(int(m.group(1)), int(m.group(1)))}.", source)
 
 
 class Prober:
     """The model, its reference outputs on the calibration chunks, and weight swapping."""
 
-    def __init__(self, model_dir: Path, chunks: Sequence[Sequence[int]], threads: int | None = None):
+    def __init__(self, model_dir: Path, chunks: Sequence[Sequence[int]], threads: int | None = None,
+                 stored_blocks: Sequence[int] | None = None):
         import torch
 
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        self.model = load_hf_model(model_dir)
-        self.params = dict(self.model.named_parameters())
+        self.stored_blocks = tuple(stored_blocks) if stored_blocks is not None else None
+        self.model = load_hf_model(model_dir, self.stored_blocks)
+        self.params = {name: p for name, p in self.model.named_parameters()}
         self.chunks = [torch.as_tensor(np.asarray(c, dtype=np.int64))[None, :] for c in chunks]
         self._originals: dict[str, "torch.Tensor"] = {}
         self.col_sq: dict[str, np.ndarray] = {}   # parameter name -> mean squared input per column
@@ -110,12 +158,14 @@ class Prober:
             logits = self.model(input_ids=chunk).logits[0].double()
         return self.torch.log_softmax(logits, dim=-1)
 
-    def has(self, param: str) -> bool:
-        return param in self.params
+    def column_weights(self, source: str) -> np.ndarray | None:
+        """Mean squared input per column of the linear layer holding checkpoint tensor ``source``."""
+        return self.col_sq.get(hf_name(source, self.stored_blocks))
 
-    def set_weight(self, param: str, value: np.ndarray) -> None:
-        """Use ``value`` (the parameter's shape) for ``param`` until :meth:`restore`."""
+    def set_weight(self, source: str, value: np.ndarray) -> None:
+        """Use ``value`` (the parameter's shape) for checkpoint tensor ``source`` until :meth:`restore`."""
         torch = self.torch
+        param = hf_name(source, self.stored_blocks)
         p = self.params.get(param)
         if p is None:
             raise QuantError(f"the Hugging Face model has no parameter {param!r} to probe")
