@@ -144,6 +144,15 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
               help="Type for tensors whose name matches the regex, e.g. 'ffn_down=q6_k' (repeatable).")
 @click.option("--pure", is_flag=True, help="Every weight gets the type's default; no mix rules.")
+@click.option("--optimize", is_flag=True,
+              help="Measure the model and choose every tensor's type for the least KL divergence at no more "
+                   "than each --quant's own file size (needs --calib); the file is named <TYPE>_OPT.")
+@click.option("--target-bpw", type=float, metavar="BITS",
+              help="Also write an optimized file of at most this many bits per weight (needs --calib).")
+@click.option("--target-size", metavar="SIZE",
+              help="Also write an optimized file of at most SIZE bytes, e.g. 3.2G (needs --calib).")
+@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Calibration text for --optimize / --target-*; never the text you evaluate on.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--allow-nonfinite", is_flag=True, help="Export even if a weight holds NaN or Inf.")
 @click.option("--eval", "evaluate", is_flag=True,
@@ -162,15 +171,6 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--base-model", metavar="USER/NAME",
               help="Hub id these files are made from, for general.base_model and the card "
                    "[default: from the source's README.md front matter or hub id].")
-@click.option("--optimize", is_flag=True,
-              help="Measure the model and choose every tensor's type for the least KL divergence at no more "
-                   "than each --quant's own file size (needs --calib); the file is named <TYPE>_OPT.")
-@click.option("--target-bpw", type=float, metavar="BITS",
-              help="Also write an optimized file of at most this many bits per weight (needs --calib).")
-@click.option("--target-size", metavar="SIZE",
-              help="Also write an optimized file of at most SIZE bytes, e.g. 3.2G (needs --calib).")
-@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="Calibration text for --optimize / --target-*; never the text you evaluate on.")
 @click.option("--license", "license_id", metavar="ID",
               help="Hub license id (mit, apache-2.0, llama2, other, ...) for general.license and the card "
                    "[default: from the source's README.md front matter].")
@@ -180,8 +180,7 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
            split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None, optimize=False,
-           target_bpw=None, target_size=None,
-           calib=None):
+           target_bpw=None, target_size=None, calib=None):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -197,6 +196,8 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model --quant all --imatrix model.imatrix.gguf
       shortquant export ./model --quant q4_k_m --tensor-type 'ffn_down=q6_k' --output-type q8_0
       shortquant export ./model -q f16 -q q8_0 -q q4_k_m --eval --text wiki.test.raw --card
+      shortquant export ./model -q q4_k_m --optimize --calib calib.txt --imatrix model.imatrix.gguf
+      shortquant export ./model --target-bpw 4.5 --calib calib.txt
     """
     from .job import JobSteps, run_job
     from .publish.split import parse_size
@@ -207,41 +208,20 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
 
     overrides = QuantOverrides.parse(output_type=output_type, embedding_type=embedding_type, pure=pure,
                                      tensor_types=list(tensor_types))
+    request = _optimize_request(optimize, target_bpw, target_size, calib)
+    if request is not None and (request.target_bpw or request.target_size) and _is_default("quants"):
+        quants = ()   # a target alone writes only its own file
     path, options = _options_from(source, recipe, source_blocks, chat_template, name, quants=tuple(quants),
                                   out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
                                   quiet=quiet or as_json, overrides=overrides, imatrix=imatrix, force=force,
-                                  base_model=base_model, license=license_id,
-                                  optimize=request)
+                                  base_model=base_model, license=license_id, optimize=request)
     steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
                      card=make_card)
     result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))
     if result.report.failed:
-      shortquant export ./model -q q4_k_m --optimize --calib calib.txt --imatrix model.imatrix.gguf
-      shortquant export ./model --target-bpw 4.5 --calib calib.txt
         sys.exit(2)
 
 
-def _export_printer(source: Path, as_json: bool, quiet: bool):
-    """Prints each step of `export` as soon as it is done (see shortquant.job.run_job)."""
-    from .evaluate.results import markdown_table
-
-    silent = quiet or as_json
-
-    def show(step: str, result) -> None:
-    request = _optimize_request(optimize, target_bpw, target_size, calib)
-    if request is not None and (request.target_bpw or request.target_size) and _is_default("quants"):
-        quants = ()   # a target alone writes only its own file
-        report = result.report
-        if step == "exported":
-            for stale in report.removed_stale:
-                click.echo(f"note: removed {stale}, left behind by an interrupted run", err=True)
-            for warning in report.plan.warnings:
-                click.echo(f"warning: {warning}", err=True)
-            for quant, reason in report.skipped.items():
-                click.echo(f"note: skipped {quant}: {reason}", err=True)
-            for first, parts in (result.splits.items() if not silent else ()):
-                click.echo(f"split into {len(parts)} parts: {first.name} ...")
-            _print_export(report, source, as_json, quiet)
 def _is_default(param: str) -> bool:
     from click.core import ParameterSource
 
@@ -264,6 +244,27 @@ def _optimize_request(optimize: bool, target_bpw, target_size, calib):
     return OptimizeRequest(calib=calib, optimize=optimize, target_bpw=target_bpw, target_size=size)
 
 
+def _export_printer(source: Path, as_json: bool, quiet: bool):
+    """Prints each step of `export` as soon as it is done (see shortquant.job.run_job)."""
+    from .evaluate.results import markdown_table
+
+    silent = quiet or as_json
+
+    def show(step: str, result) -> None:
+        report = result.report
+        if step == "exported":
+            for stale in report.removed_stale:
+                click.echo(f"note: removed {stale}, left behind by an interrupted run", err=True)
+            for warning in report.plan.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            for quant, reason in report.skipped.items():
+                click.echo(f"note: skipped {quant}: {reason}", err=True)
+            for outcome in report.optimized:
+                for note in outcome.notes:
+                    click.echo(f"note: {note}", err=True)
+            for first, parts in (result.splits.items() if not silent else ()):
+                click.echo(f"split into {len(parts)} parts: {first.name} ...")
+            _print_export(report, source, as_json, quiet)
             for quant, reason in report.failed.items():
                 click.echo(f"error: {quant} failed: {reason}", err=True)
         elif step == "evaluated" and not silent:
@@ -279,9 +280,6 @@ def _optimize_request(optimize: bool, target_bpw, target_size, calib):
 
 
 def _print_export(report, source: Path, as_json: bool, quiet: bool) -> None:
-            for outcome in report.optimized:
-                for note in outcome.notes:
-                    click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps({
             "source": str(source), "seconds": round(report.seconds, 3),

@@ -43,8 +43,8 @@ class ExportOptions:
     force: bool = False                             # write even if the free space looks too small
     base_model: str | None = None                   # hub id for general.base_model / the card
     license: str | None = None                      # hub license id for general.license / the card
-
     optimize: object | None = None                  # shortquant.quant.optimize.OptimizeRequest
+
 
 @dataclass
 class ExportedFile:
@@ -68,9 +68,9 @@ class ExportReport:
     skipped: dict[str, str] = field(default_factory=dict)  # quants `all` could not make, and why
     seconds: float = 0.0
     removed_stale: list[Path] = field(default_factory=list)  # .part files of killed runs, removed
-
-
     optimized: list = field(default_factory=list)   # shortquant.quant.optimize.Outcome per target
+
+
 def make_model_plan(checkpoint: Checkpoint, options: ExportOptions) -> ModelPlan:
     from .families import make_model_plan as plan_for_family
 
@@ -107,18 +107,18 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
     importance = load_importance(options.imatrix, plan) if options.imatrix else {}
     stale = prepare_out_dir(options.out_dir)
     extra = source_metadata(checkpoint, plan, options)
-    check_space(plan, files, options, extra)
-    report = write_files(checkpoint, plan, files, options, importance, extra)
     outcomes = []
     if options.optimize is not None:   # measured mixes replace (or add to) the standard ones
         from .quant.optimize import run_optimizer
 
         files, outcomes = run_optimizer(checkpoint, plan, files, options, importance, extra)
+    check_space(plan, files, options, extra)
+    report = write_files(checkpoint, plan, files, options, importance, extra)
     report.skipped = skipped
     report.removed_stale = stale
+    report.optimized = outcomes
     report.seconds = time.perf_counter() - start
     return report
-    report.optimized = outcomes
 
 
 def load_importance(path: Path, plan: ModelPlan) -> dict[str, np.ndarray]:
