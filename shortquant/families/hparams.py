@@ -42,9 +42,10 @@ def llama_style_hparams(config: dict, path, *, allow_bias: bool = False) -> dict
 
 
 def rope_settings(config: dict) -> dict:
-    """The rope scaling object: ``rope_scaling`` (transformers < 5, most hub checkpoints) or
-    ``rope_parameters`` (transformers >= 5, which also holds ``rope_theta``); {} when absent."""
-    for key in ("rope_parameters", "rope_scaling"):
+    """The rope settings: ``rope_scaling`` (most hub checkpoints, transformers < 5), else
+    ``rope_parameters`` (transformers >= 5, ``rope_theta`` inside); where both are present,
+    ``rope_scaling`` replaces the other, as transformers does when it loads the config."""
+    for key in ("rope_scaling", "rope_parameters"):
         value = config.get(key)
         if value is None:
             continue
