@@ -71,10 +71,25 @@ def _source_options(f):
         click.option("--chat-template", metavar="NAME",
                      help="Built-in chat template when the checkpoint has none (vicuna, llama-2, none)."),
         click.option("--name", metavar="TEXT", help="Model name to use instead of the folder name."),
+        click.option("--pre", metavar="NAME", expose_value=False, callback=_remember("pre"),
+                     help="llama.cpp's BPE pre-tokenizer name (llama-bpe, qwen2, smollm, ...) when the "
+                          "tokenizer.json's own is not in llama.cpp's table; normally detected."),
+        click.option("--pad-ffn", type=click.IntRange(min=0), default=None, metavar="N",
+                     expose_value=False, callback=_remember("pad_ffn"),
+                     help="Zero-pad FFN widths to a multiple of N (exact; K-quants then apply to ffn_down "
+                          "instead of falling back). Default: widths pruning changed, to 256. 0: never."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _remember(key):
+    """A click callback keeping an option's value in the context, for ``_options_from``."""
+    def callback(ctx, _param, value):
+        ctx.meta[f"shortquant.{key}"] = value
+        return value
+    return callback
 
 
 def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
@@ -93,8 +108,11 @@ def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
         except ValueError:
             raise click.BadParameter(f"{source_blocks!r} is not a list like '0-23,30,31'",
                                      param_hint="--source-blocks") from None
+    pre = click.get_current_context().meta.get("shortquant.pre")
+    pad_ffn = click.get_current_context().meta.get("shortquant.pad_ffn")
     return path, ExportOptions(recipe=load_recipe(recipe_name) if recipe_name else None,
-                               source_blocks=blocks, chat_template=chat_template, name=name, **extra)
+                               source_blocks=blocks, chat_template=chat_template, name=name, pre=pre,
+                               pad_ffn=pad_ffn, **extra)
 
 
 @main.command()

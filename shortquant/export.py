@@ -34,6 +34,7 @@ class ExportOptions:
     source_blocks: tuple[int, ...] | None = None   # original index of each stored block
     recipe: object | None = None                    # shortquant.recipes.Recipe
     chat_template: str | None = None                # built-in template name
+    pre: str | None = None                          # llama.cpp BPE pre-tokenizer name, when not detected
     name: str | None = None                         # overrides general.name / the guessed basename
     allow_nonfinite: bool = False
     threads: int | None = None
@@ -44,6 +45,7 @@ class ExportOptions:
     base_model: str | None = None                   # hub id for general.base_model / the card
     license: str | None = None                      # hub license id for general.license / the card
     optimize: object | None = None                  # shortquant.quant.optimize.OptimizeRequest
+    pad_ffn: int | None = None                      # zero-pad FFN widths to a multiple (None: pruned ones to 256)
 
 
 @dataclass
@@ -318,7 +320,11 @@ def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = Fal
     """Read rows of one source tensor as float32 (into ``buffer`` when given), transform them,
     refuse NaN/Inf unless allowed."""
     tensor = piece.tensor
+    if tensor.computed:
+        return tensor.computed_rows(piece.start, piece.stop)
     ref = checkpoint.tensors[tensor.source]
+    if tuple(ref.shape) != tuple(tensor.shape):   # FFN zero-padded to a K-quant width (--pad-ffn)
+        return _load_padded(ref, piece, allow_nonfinite)
     try:
         data = ref.load_rows(piece.start, piece.stop, buffer) if len(tensor.shape) > 1 else ref.load()
     except OSError as exc:
@@ -328,6 +334,30 @@ def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = Fal
         raise WeightError(f"tensor {tensor.source!r} has {bad} NaN/Inf values "
                           f"(use --allow-nonfinite to export anyway)", ref.path)
     return apply_transform(tensor, data)
+
+
+def _load_padded(ref, piece: Piece, allow_nonfinite: bool) -> np.ndarray:
+    """Rows of a tensor planned larger than its source: the source values, zeros elsewhere."""
+    tensor = piece.tensor
+    out = np.zeros((piece.stop - piece.start, *tensor.shape[1:]) if len(tensor.shape) > 1 else tensor.shape,
+                   dtype=np.float32)
+    stop = min(piece.stop, ref.shape[0])
+    if len(tensor.shape) == 1:
+        out[:ref.shape[0]] = load_piece_rows(ref, 0, 0, allow_nonfinite, tensor)
+    elif piece.start < stop:
+        out[:stop - piece.start, :ref.shape[1]] = load_piece_rows(ref, piece.start, stop, allow_nonfinite, tensor)
+    return out
+
+
+def load_piece_rows(ref, start: int, stop: int, allow_nonfinite: bool, tensor) -> np.ndarray:
+    try:
+        data = ref.load_rows(start, stop) if len(tensor.shape) > 1 else ref.load()
+    except OSError as exc:
+        raise WeightError(f"cannot read tensor {tensor.source!r} ({exc})", ref.path) from None
+    if not allow_nonfinite and not np.isfinite(data).all():
+        raise WeightError(f"tensor {tensor.source!r} has {int((~np.isfinite(data)).sum())} NaN/Inf values "
+                          f"(use --allow-nonfinite to export anyway)", ref.path)
+    return data
 
 
 # A hub id: "org/name", nothing else (a local path would exist or contain more separators).

@@ -8,6 +8,8 @@ SOURCE_BLOCK_COUNT = "shortquant.source_block_count"    # uint32: blocks in the 
 PRUNING_METHOD = "shortquant.pruning.method"            # string, e.g. "Shortened LLaMA (Taylor+)"
 RECIPE = "shortquant.recipe"                            # string: recipe name used, if any
 VERSION = "shortquant.version"                          # string: the shortquant that wrote the file
+REMOVED_ATTENTION = "shortquant.removed_attention"      # int32[]: blk.N whose attention the source removed
+REMOVED_MLP = "shortquant.removed_mlp"                  # int32[]: blk.N whose MLP the source removed
 
 # A measured, optimized type mix (shortquant export --optimize / --target-bpw / --target-size)
 OPTIMIZE_BASE_MIX = "shortquant.optimize.base_mix"          # string: standard mix it was compared with

@@ -36,10 +36,21 @@ class TensorPlan:
     transform: Transform = Transform.NONE
     heads: int | None = None        # head count used by the permutation
     values: tuple[float, ...] | None = None   # a tensor computed from the config, not read
+    fill: float | None = None       # a constant tensor written for llama.cpp (deci workarounds), not read
 
     @property
     def computed(self) -> bool:
-        return self.values is not None
+        return self.values is not None or self.fill is not None
+
+    def computed_rows(self, start: int, stop: int):
+        """Rows ``start:stop`` of a computed tensor (the whole tensor when it is 1-D), float32."""
+        import numpy as np
+
+        if self.fill is not None:
+            shape = (stop - start, *self.shape[1:]) if len(self.shape) > 1 else self.shape
+            return np.full(shape, self.fill, dtype=np.float32)
+        values = np.asarray(self.values, dtype=np.float32).reshape(self.shape)
+        return values[start:stop] if len(self.shape) > 1 else values
 
     @property
     def n_elements(self) -> int:
@@ -47,6 +58,21 @@ class TensorPlan:
         for d in self.shape:
             n *= d
         return n
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """One block's shapes as its tensors hold them; 0 means the sub-block is absent
+    (``n_head > 0`` with ``n_head_kv == 0``: DeciLM's linear attention)."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+
+    def describe(self) -> str:
+        attn = ("no attention" if not self.n_head else "linear attention" if not self.n_head_kv
+                else f"heads {self.n_head}/{self.n_head_kv}")
+        return f"{attn}, " + (f"ffn {self.n_ff}" if self.n_ff else "no MLP")
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,8 @@ class ModelPlan:
     tensors: tuple[TensorPlan, ...]
     tokenizer: Any | None = None    # shortquant.tokenizer.TokenizerSpec
     warnings: tuple[str, ...] = ()
+    block_shapes: tuple[BlockShape, ...] = ()   # per written block, as found in the tensors
+    arch_reason: str | None = None  # why the per-layer architecture (deci) was chosen
 
     @property
     def n_params(self) -> int:
@@ -119,6 +147,11 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
         "hparams:    " + ", ".join(f"{k}={v}" for k, v in plan.hparams.items()),
         plan.block_map.describe(),
     ]
+    if plan.arch_reason:
+        lines.append(f"why {plan.arch}: {plan.arch_reason}")
+    if plan.block_shapes and len(set(plan.block_shapes)) > 1:
+        lines.append("block shapes (as the source tensors hold them):")
+        lines += [f"  blk.{n:<3d} {shape.describe()}" for n, shape in enumerate(plan.block_shapes)]
     if plan.tokenizer is not None:
         tok = plan.tokenizer
         kind = f"BPE (gpt2, pre-tokenizer {tok.pre}, {len(tok.merges)} merges)" if tok.merges or tok.model == "gpt2" \
@@ -191,5 +224,7 @@ def plan_as_dict(plan: ModelPlan, files: list[FilePlan] = ()) -> dict[str, Any]:
                      "types": {f.quant: f.tensor_types[t.name].name for f in files}} for t in plan.tensors],
         "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.total_bytes(plan)} for f in files],
         "tokenizer": plan.tokenizer.summary() if plan.tokenizer is not None else None,
+        "block_shapes": [{"n_head": b.n_head, "n_head_kv": b.n_head_kv, "n_ff": b.n_ff} for b in plan.block_shapes],
+        "arch_reason": plan.arch_reason,
         "warnings": list(plan.warnings),
     }

@@ -308,8 +308,12 @@ def hf_logits(model_dir: str | Path, chunks):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..families.hf_model import load_per_block_model
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = load_per_block_model(Path(model_dir))   # width-pruned, sub-blocks removed, DeciLM
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvalError(f"cannot load the Hugging Face base: {reason}", model_dir)

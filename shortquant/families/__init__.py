@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from shortquant.errors import ConfigError
 
-from . import llama, qwen2, qwen3
+from . import deci, llama, qwen2, qwen3
 from .family import Family
 from .planner import plan_model
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, deci.DECILM)
 
 
 def find_family(checkpoint) -> Family:

@@ -34,6 +34,15 @@ LLAMA_BLOCK: BlockTable = {
 }
 
 
+# Biases llama.cpp's llama and deci read when present (FLAP adds the o_proj and down_proj ones).
+LLAMA_OPTIONAL_BIASES: BlockTable = {
+    "self_attn.o_proj.bias": (MODEL_TENSOR.ATTN_OUT, Transform.NONE),
+    "mlp.gate_proj.bias": (MODEL_TENSOR.FFN_GATE, Transform.NONE),
+    "mlp.up_proj.bias": (MODEL_TENSOR.FFN_UP, Transform.NONE),
+    "mlp.down_proj.bias": (MODEL_TENSOR.FFN_DOWN, Transform.NONE),
+}
+
+
 def neox_block(extra: BlockTable | None = None) -> BlockTable:
     """The LLaMA block without the Q/K permutation (families whose llama.cpp graph uses NEOX
     rope, which rotates halves as Hugging Face does), plus ``extra`` tensors."""
@@ -60,6 +69,12 @@ class Family:
     extra_tensors: Callable[[dict, dict], list[TensorPlan]] = field(default=lambda hp, config: [])
     extra_metadata: Callable[[dict, dict, Callable[[str], str]], list[MetaItem]] = \
         field(default=lambda hp, config, key: [])
+    # block tensors written when present (e.g. FLAP's o_proj / down_proj biases)
+    optional_block_tensors: BlockTable = field(default_factory=dict)
+    # the llama.cpp architecture with per-layer shapes (deci), or None: blocks must all be alike
+    per_layer_arch: gguf.MODEL_ARCH | None = None
+    # check_block_shapes(config, hp, shapes, stored, folder): the config's own account of the shapes
+    check_block_shapes: Callable | None = None
     block_prefix: str = "model.layers"
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"

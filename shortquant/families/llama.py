@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from gguf import MODEL_ARCH
 
-from .family import LLAMA_BLOCK, Family
+from .family import LLAMA_BLOCK, LLAMA_OPTIONAL_BIASES, Family
 from .hparams import llama3_rope_factors, llama_style_hparams, rope_scaling_metadata
 
 FAMILY = Family(
@@ -18,4 +18,6 @@ FAMILY = Family(
     hparams=llama_style_hparams,
     extra_tensors=llama3_rope_factors,
     extra_metadata=lambda hp, config, key: rope_scaling_metadata(config, key, ("linear", "yarn", "llama3")),
+    optional_block_tensors=LLAMA_OPTIONAL_BIASES,
+    per_layer_arch=MODEL_ARCH.DECI,   # width-pruned / sub-block-dropped LLaMA (families/deci.py)
 )

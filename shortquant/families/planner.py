@@ -7,6 +7,8 @@ tensor table, hyper-parameters and quirks (``family.Family``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gguf
 from gguf import MODEL_TENSOR, GGUFValueType, Keys
 
@@ -14,10 +16,12 @@ from shortquant import __version__, keys
 from shortquant.errors import WeightError
 from shortquant.layers import check_block_tensors, group_block_tensors, make_block_map
 from shortquant.naming import make_naming
-from shortquant.plan import MetaItem, ModelPlan, TensorPlan, Transform
+from shortquant.plan import BlockShape, MetaItem, ModelPlan, TensorPlan, Transform
 
+from . import deci
 from .family import Family
 from .hparams import hparam_metadata
+from .shapes import LINEAR_ATTN, read_block_shapes, uniform, why_per_layer
 
 
 def gguf_name(kind: MODEL_TENSOR, block: int | None = None, suffix: str = "weight") -> str:
@@ -32,7 +36,8 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
     hp = family.hparams(checkpoint.config, config_path)
 
     blocks, others = group_block_tensors(checkpoint.tensors, family.block_prefix)
-    check_block_tensors(blocks, list(family.block_tensors), family.ignored_block_tensors)
+    table = {**family.block_tensors, **family.optional_block_tensors}
+    check_block_tensors(blocks, [], list(table) + list(family.ignored_block_tensors))
     recipe = options.recipe
     block_map = make_block_map(
         list(blocks), checkpoint.config.get("num_hidden_layers"),
@@ -56,6 +61,31 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
                           f"{checkpoint.config['vocab_size']}", checkpoint.folder)
     hp["n_layer"] = block_map.block_count
 
+    # each block's shapes from its tensors; the family's arch when all are alike, else per-layer (deci)
+    shapes = read_block_shapes(blocks, block_map.stored, checkpoint.tensors, hp, checkpoint.config,
+                               checkpoint.folder)
+    if family.check_block_shapes is not None:
+        family.check_block_shapes(checkpoint.config, hp, shapes, block_map.stored, checkpoint.folder)
+    warnings = list(block_map.warnings)
+    # FFN padding: None (default) pads the widths pruning changed (not config.json's) to 256
+    pad = getattr(options, "pad_ffn", None)
+    pad, pad_unless = (256, hp["n_ff"]) if pad is None else (pad, None)
+    written = padded(shapes, pad, pad_unless)
+    arch, arch_reason = family.arch, None
+    if uniform(shapes):
+        warnings += stale_width_warnings(hp, shapes[0])
+        hp.update(n_head=shapes[0].n_head, n_head_kv=shapes[0].n_head_kv, n_ff=written[0].n_ff)
+    else:
+        arch_reason = why_per_layer(shapes)
+        if family.per_layer_arch is None:
+            raise WeightError(f"the blocks differ ({arch_reason}); llama.cpp has per-layer shapes only for "
+                              f"LLaMA-style models (deci), not for {family.arch_name}", checkpoint.folder)
+        if not any(s.n_head for s in shapes):
+            raise WeightError("no block has attention", checkpoint.folder)
+        arch, written = family.per_layer_arch, deci.written_shapes(written)
+        hp.update(n_head=written[0].n_head, n_head_kv=written[0].n_head_kv, n_ff=max(s.n_ff for s in written))
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+
     def read(kind, source, block=None, transform=Transform.NONE, heads=None):
         suffix = source.rsplit(".", 1)[-1]
         return TensorPlan(gguf_name(kind, block, suffix), source, checkpoint.tensors[source].shape, kind,
@@ -64,28 +94,93 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
     # computed tensors first, where llama.cpp's converter puts them
     tensors = family.extra_tensors(hp, checkpoint.config) + [read(MODEL_TENSOR.TOKEN_EMBD, embed)]
     for n, stored in enumerate(block_map.stored):
-        for suffix, (kind, transform) in family.block_tensors.items():
-            heads = {Transform.PERMUTE_Q: hp["n_head"], Transform.PERMUTE_K: hp["n_head_kv"]}.get(transform)
-            tensors.append(read(kind, blocks[stored][suffix], n, transform, heads))
+        tensors += block_tensors(family, table, blocks[stored], n, shapes[n], hp, read, arch_reason is not None,
+                                 checkpoint.folder, ffn_width=written[n].n_ff)
     tensors.append(read(MODEL_TENSOR.OUTPUT_NORM, final_norm))
     if lm_head in checkpoint.tensors:
         tensors.append(read(MODEL_TENSOR.OUTPUT, lm_head))
     elif not checkpoint.config.get("tie_word_embeddings", False):
         raise WeightError(f"missing tensor {lm_head!r} (and tie_word_embeddings is false)", checkpoint.folder)
-    check_shapes(tensors, hp, checkpoint.folder)
-    check_known_to_arch(tensors, family)
+    check_shapes(tensors, hp, padded(shapes, pad, pad_unless), checkpoint.folder)
+    check_known_to_arch(tensors, family, arch)
 
     tokenizer = read_model_tokenizer(checkpoint, options, vocab)
     naming = make_naming(checkpoint.folder, sum(t.n_elements for t in tensors), recipe, options.name)
 
     def key(k: str) -> str:
-        return k.format(arch=family.arch_name)
+        return k.format(arch=arch_name)
 
-    metadata = (general_metadata(naming, recipe) + hparam_metadata(hp, key)
-                + family.extra_metadata(hp, checkpoint.config, key) + provenance_metadata(block_map, recipe))
-    return ModelPlan(source=checkpoint.folder, converter=family.name, arch=family.arch_name, naming=naming,
+    hparams = hparam_metadata(hp, key)
+    if arch_reason is not None:
+        hparams = deci.per_layer_metadata(hparams, written, hp, key)
+    metadata = (general_metadata(naming, recipe) + hparams + family.extra_metadata(hp, checkpoint.config, key)
+                + provenance_metadata(block_map, recipe) + deci.sub_block_provenance(shapes))
+    return ModelPlan(source=checkpoint.folder, converter=family.name, arch=arch_name, naming=naming,
                      block_map=block_map, hparams=hp, metadata=tuple(metadata), tensors=tuple(tensors),
-                     tokenizer=tokenizer, warnings=block_map.warnings + tokenizer.warnings)
+                     tokenizer=tokenizer, warnings=tuple(warnings) + tokenizer.warnings, block_shapes=shapes,
+                     arch_reason=arch_reason)
+
+
+def sub_block(suffix: str) -> str:
+    """Which half of a block a tensor belongs to: "attn" or "mlp"."""
+    return "attn" if suffix.startswith(("self_attn.", "input_layernorm")) else "mlp"
+
+
+def block_tensors(family: Family, table, present: dict[str, str], n: int, shape: BlockShape, hp: dict, read,
+                  per_layer: bool, folder, ffn_width: int) -> list[TensorPlan]:
+    """One block's tensors in the table's order; absent sub-blocks get deci's stand-ins when needed;
+    FFN tensors planned ``ffn_width`` wide (zero-padded when wider than the source)."""
+    has = {"attn": shape.n_head > 0, "mlp": shape.n_ff > 0}
+    out: list[TensorPlan] = []
+    for part in ("attn", "mlp"):
+        if not has[part]:
+            if per_layer and part == "attn" and n == 0:
+                out += deci.stand_in_attention(n, hp, gguf_name)
+            elif per_layer and part == "mlp":
+                out += deci.stand_in_ffn(n, hp, gguf_name)
+            continue      # a leftover norm of a removed sub-block is not written
+        for suffix, (kind, transform) in table.items():
+            if sub_block(suffix) != part:
+                continue
+            if suffix not in present:
+                if suffix in family.block_tensors and not (shape.n_head_kv == 0 and part == "attn"):
+                    raise WeightError(f"blk.{n} is missing tensor {suffix!r}", folder)
+                continue
+            heads = {Transform.PERMUTE_Q: shape.n_head, Transform.PERMUTE_K: shape.n_head_kv}.get(transform)
+            t = read(kind, present[suffix], n, transform, heads)
+            if part == "mlp" and ffn_width != shape.n_ff:
+                t = replace(t, shape=ffn_shape(t, ffn_width))
+            out.append(t)
+    return out
+
+
+def padded(shapes, pad: int, unless: int | None = None) -> tuple[BlockShape, ...]:
+    """The shapes with FFN widths rounded up to a multiple of ``pad`` (0: unchanged), but for
+    widths equal to ``unless`` (the unpruned width). The extra channels are zero in gate, up and
+    down: SiLU(0) * 0 = 0, so the output is exactly the same, and K-quants (256 values per block)
+    quantize ffn_down instead of falling back (scripts/bench_ffn_padding.py measures it)."""
+    if not pad:
+        return tuple(shapes)
+    return tuple(s if s.n_ff == unless else BlockShape(s.n_head, s.n_head_kv, -(-s.n_ff // pad) * pad)
+                 for s in shapes)
+
+
+def ffn_shape(t: TensorPlan, width: int) -> tuple[int, ...]:
+    """An FFN tensor's planned shape at ``width`` channels (down: columns; gate/up: rows)."""
+    if t.kind == MODEL_TENSOR.FFN_DOWN:
+        return (t.shape[0], width) if len(t.shape) > 1 else tuple(t.shape)
+    if t.kind == MODEL_TENSOR.FFN_NORM:
+        return tuple(t.shape)
+    return (width, *t.shape[1:])
+
+
+def stale_width_warnings(hp: dict, shape: BlockShape) -> list[str]:
+    """Say where config.json disagrees with the (uniform) shapes the tensors hold."""
+    found = {"num_attention_heads": (hp["n_head"], shape.n_head),
+             "num_key_value_heads": (hp["n_head_kv"], shape.n_head_kv),
+             "intermediate_size": (hp["n_ff"], shape.n_ff)}
+    return [f"config says {k}={said} but the tensors hold {held}; following the tensors"
+            for k, (said, held) in found.items() if said != held]
 
 
 def expected_shape(kind: MODEL_TENSOR, suffix: str, hp: dict) -> tuple[int, ...] | None:
@@ -106,20 +201,30 @@ def expected_shape(kind: MODEL_TENSOR, suffix: str, hp: dict) -> tuple[int, ...]
     }.get(kind)
 
 
-def check_shapes(tensors: list[TensorPlan], hp: dict, folder) -> None:
+def check_shapes(tensors: list[TensorPlan], hp: dict, shapes, folder) -> None:
+    """Every tensor read must have the shape its block's head counts and FFN width imply."""
     for t in tensors:
-        expected = expected_shape(t.kind, t.name.rsplit(".", 1)[-1], hp)
+        if t.computed or t.source.endswith(LINEAR_ATTN):
+            continue
+        parts = t.name.split(".")
+        block_hp = hp
+        if parts[0] == "blk":
+            s = shapes[int(parts[1])]
+            block_hp = {**hp, "n_head": s.n_head, "n_head_kv": s.n_head_kv, "n_ff": s.n_ff}
+        expected = expected_shape(t.kind, parts[-1], block_hp)
         if expected is not None and tuple(t.shape) != expected:
-            raise WeightError(f"tensor {t.source!r} has shape {list(t.shape)} but config.json implies "
-                              f"{list(expected)} (non-uniform widths are not supported yet)", folder)
+            where = f"block {parts[1]}: " if parts[0] == "blk" else ""
+            raise WeightError(f"{where}tensor {t.source!r} has shape {list(t.shape)} but {list(expected)} "
+                              f"was expected", folder)
 
 
-def check_known_to_arch(tensors: list[TensorPlan], family: Family) -> None:
+def check_known_to_arch(tensors: list[TensorPlan], family: Family, arch) -> None:
     """Every planned tensor must be one llama.cpp's architecture has (gguf-py's table says which)."""
-    allowed = set(gguf.MODEL_TENSORS[family.arch])
+    allowed = set(gguf.MODEL_TENSORS[arch])
     for t in tensors:
         if t.kind not in allowed:
-            raise AssertionError(f"family {family.name} plans {t.name}, which {family.arch_name} does not have")
+            raise AssertionError(f"family {family.name} plans {t.name}, which {gguf.MODEL_ARCH_NAMES[arch]} "
+                                 f"does not have")
 
 
 def read_model_tokenizer(checkpoint, options, vocab: int):

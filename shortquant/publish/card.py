@@ -456,6 +456,9 @@ def _what_section(models, recipe, meta) -> list[str]:
         if recipe is not None and recipe.source:
             lines.append(f"- Source of the removed-block list: <{recipe.source}>")
         lines.append("")
+    from shortquant.families.deci import block_summary
+
+    lines += block_summary(first.metadata)
     if meta.get("license"):
         lines += ["## License", ""]
         if meta["license"] == "other":

@@ -97,7 +97,12 @@ def _load_model(model_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..families.hf_model import load_per_block_model
+
     try:
+        per_block = load_per_block_model(model_dir)   # width-pruned, sub-blocks removed, DeciLM: float32
+        if per_block is not None:
+            return per_block
         config = AutoConfig.from_pretrained(model_dir)
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float32

@@ -43,7 +43,10 @@ def _load_state_dict(path: Path, torch):
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
         raise SourceError(
-            f"not a plain weights file; refusing to unpickle code ({first[:160]})", path) from None
+            f"not a plain weights file; refusing to unpickle code ({first[:160]}). A whole pickled model "
+            f"(e.g. LLM-Pruner's torch.save({{'model': ...}})) must be re-saved as weights where its code is "
+            f"trusted: torch.load(path, weights_only=False)['model'].save_pretrained(folder) (safetensors) "
+            f"next to the original config.json and tokenizer", path) from None
     except Exception as exc:   # a damaged zip or pickle fails in many ways (KeyError, struct.error, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot read PyTorch weights ({type(exc).__name__}: {first[:160]})", path) from None
