@@ -125,9 +125,16 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
 
 def load_importance(path: Path, plan: ModelPlan) -> dict[str, np.ndarray]:
     """Per-column importance of every planned tensor the imatrix covers (checked to fit)."""
+    from gguf import MODEL_TENSOR
+
     from .quant.imatrix import match_model, read_imatrix
 
     imatrix = read_imatrix(path)   # refuses non-finite values
+    for t in plan.tensors:         # an imatrix of the unpadded model fits a zero-padded ffn_down:
+        sums = imatrix.sums.get(t.name)   # its padded columns (all zero) get the mean importance
+        if t.kind == MODEL_TENSOR.FFN_DOWN and sums is not None and 0 < sums.shape[-1] < t.shape[-1]:
+            extra = np.repeat(sums.mean(axis=-1, keepdims=True), t.shape[-1] - sums.shape[-1], axis=-1)
+            imatrix.sums[t.name] = np.concatenate([sums, extra], axis=-1)
     return match_model(imatrix, {t.name: t.shape for t in plan.tensors}, path)
 
 

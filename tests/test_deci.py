@@ -188,6 +188,29 @@ def test_imatrix_from_the_hf_folder_matches_llama_cpp(exported, layout):
         np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=5e-3, atol=1e-6)
 
 
+def test_imatrix_of_the_hf_folder_drives_a_padded_export(exported, tmp_path):
+    """The torch imatrix (unpadded widths) fits the default, padded export; q4_k_m with it is
+    byte-identical to llama.cpp's quantizer given the same (padded) importance."""
+    from shortquant.export import load_importance, make_model_plan
+    from shortquant.export import ExportOptions
+    from shortquant.source.checkpoint import open_checkpoint
+
+    _, out = exported
+    _, src, _ = out["llm-pruner"]
+    calib = tmp_path / "calib.txt"
+    calib.write_text(pruned.EVAL_TEXT.read_text(encoding="utf-8")[:4000])
+    imatrix = tmp_path / "m.imatrix.gguf"
+    run("imatrix", src, "--text", calib, "-o", imatrix, "--ctx", "32", "--chunks", "2")
+    run("export", src, "--out", tmp_path / "out", "-q", "f32", "-q", "q4_k_m", "--imatrix", imatrix)
+    f32, q4 = (next((tmp_path / "out").glob(f"*-{q}.gguf")) for q in ("F32", "Q4_K_M"))
+    assert field(gguf.GGUFReader(f32), "deci.feed_forward_length") == [512, 512, 512, 512]
+    plan = make_model_plan(open_checkpoint(src), ExportOptions())
+    importance = load_importance(imatrix, plan)
+    assert importance["blk.1.ffn_down.weight"].size == 512
+    assert llama_quantize(f32, tmp_path / "ref.gguf", "q4_k_m", importance) == 0
+    assert_same_file_contents(q4, tmp_path / "ref.gguf", "q4_k_m")
+
+
 @pytest.mark.parametrize("layout", ["flap", "decilm"])
 def test_eval_against_the_hf_folder(exported, layout):
     """``eval --base FOLDER`` runs the checkpoint with each block's own modules: KLD of the f32 file ~0."""
