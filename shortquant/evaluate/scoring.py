@@ -44,24 +44,28 @@ class _Scratch:
 
 
 def _log_z(x: np.ndarray, t: np.ndarray, u: np.ndarray):
-    """(argmax, log_z float64) per row of ``x``; leaves ``x - max`` in ``t`` (``u``: scratch)."""
+    """(argmax, log_z float64, log(Z) float64) per row of ``x``; leaves ``x - max`` in ``t``."""
     top = np.argmax(x, axis=1)
     m = x[np.arange(len(x)), top]
     np.subtract(x, m[:, None], out=t)
     np.exp(t, out=u)
-    return top, m.astype(np.float64) + np.log(u.sum(axis=1, dtype=np.float64))
+    log_sum = np.log(u.sum(axis=1, dtype=np.float64))
+    return top, m.astype(np.float64) + log_sum, log_sum
 
 
 def _nll_block(x, targets, scratch):
+    """NLL rounded as llama-perplexity rounds it: float ``x[t] - max``, then double ``- log(Z)``
+    (so the last digits of a large PPL agree too)."""
     t, u, _ = scratch.view(len(x))
-    _, log_z = _log_z(x, t, u)
-    return log_z - x[np.arange(len(x)), targets]
+    _, _, log_sum = _log_z(x, t, u)
+    rows = np.arange(len(x))
+    return log_sum - t[rows, targets].astype(np.float64)
 
 
 def _base_block(x, targets, scratch):
     """q (uint16), top (float32), nll (float64), argmax (int32) of a block of rows."""
     t, u, mask = scratch.view(len(x))
-    top_index, log_z = _log_z(x, t, u)
+    top_index, log_z, _ = _log_z(x, t, u)
     m = x[np.arange(len(x)), top_index]
     # lp - top = x - m (in t, exact near the top), so q = round((x - m) / STEP) + LEVELS + 1
     np.less(t, np.float32(-WINDOW), out=mask)  # below the window
@@ -84,9 +88,9 @@ def _kld_block(x, targets, q, top, nll_base, argmax_base, scratch):
     exp(v) * (v - (x - m) + top_b - top_x).
     """
     t, u, mask = scratch.view(len(x))
-    top_index, log_z = _log_z(x, t, u)
+    top_index, log_z, log_sum = _log_z(x, t, u)
     rows = np.arange(len(x))
-    nll = log_z - x[rows, targets]
+    nll = log_sum - t[rows, targets].astype(np.float64)
     top_b = np.asarray(top, np.float64)
     top_x = x[rows, top_index].astype(np.float64) - log_z
     np.add(q, np.float32(-(LEVELS + 1)), out=u, dtype=np.float32)
