@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import DEMO_TOKENIZER
-from families import EVAL_TEXT, build_family_model  # noqa: F401  (EVAL_TEXT: calibration text for tests)
+from families import build_family_model
 
 D, HEADS, KV, FFN = 256, 4, 2, 512   # head_dim 64
 HEAD_DIM = D // HEADS

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import pruned
+from families import EVAL_TEXT
 from llama_eval import gguf_greedy, gguf_logits, hf_greedy, hf_logits
 from shortquant import keys
 from shortquant.cli import main
@@ -177,7 +178,7 @@ def test_imatrix_from_the_hf_folder_matches_llama_cpp(exported, layout):
     model, src, files = out[layout]
     hf = _load_model(src)
     assert np.abs(hf_logits(hf, TOKENS) - hf_logits(model, TOKENS)).max() == 0
-    tokens = gguf_tokens(files["f32"], pruned.EVAL_TEXT.read_text(encoding="utf-8")[:4000])
+    tokens = gguf_tokens(files["f32"], EVAL_TEXT.read_text(encoding="utf-8")[:4000])
     theirs = compute_imatrix_gguf(files["f32"], tokens, ctx=32, chunks=2, threads=2, progress=False)
     ours = compute_imatrix(hf, tokens.tolist(), ctx=32, chunks=2, bos_id=1, progress=False)
     stand_ins = {t.name for t in gguf.GGUFReader(files["f32"]).tensors
@@ -191,14 +192,13 @@ def test_imatrix_from_the_hf_folder_matches_llama_cpp(exported, layout):
 def test_imatrix_of_the_hf_folder_drives_a_padded_export(exported, tmp_path):
     """The torch imatrix (unpadded widths) fits the default, padded export; q4_k_m with it is
     byte-identical to llama.cpp's quantizer given the same (padded) importance."""
-    from shortquant.export import load_importance, make_model_plan
-    from shortquant.export import ExportOptions
+    from shortquant.export import ExportOptions, load_importance, make_model_plan
     from shortquant.source.checkpoint import open_checkpoint
 
     _, out = exported
     _, src, _ = out["llm-pruner"]
     calib = tmp_path / "calib.txt"
-    calib.write_text(pruned.EVAL_TEXT.read_text(encoding="utf-8")[:4000])
+    calib.write_text(EVAL_TEXT.read_text(encoding="utf-8")[:4000])
     imatrix = tmp_path / "m.imatrix.gguf"
     run("imatrix", src, "--text", calib, "-o", imatrix, "--ctx", "32", "--chunks", "2")
     run("export", src, "--out", tmp_path / "out", "-q", "f32", "-q", "q4_k_m", "--imatrix", imatrix)
