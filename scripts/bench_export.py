@@ -132,7 +132,7 @@ def build_checkpoint(folder: Path, blocks: int, seed: int = 0, shape_name: str =
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    print(f"writing a {blocks}-block LLaMA-7B-shaped bf16 checkpoint to {folder} ...", flush=True)
+    print(f"writing a {blocks}-block {shape_name}-shaped bf16 checkpoint to {folder} ...", flush=True)
     write_safetensors_bf16(folder / "model.safetensors", checkpoint_tensors(blocks, shape), seed)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": blocks,
               "hidden_act": "silu", "initializer_range": 0.02, "rope_theta": 10000.0, "tie_word_embeddings": False,

@@ -14,7 +14,7 @@ without overlapping another; and each tensor's bytes pass ggml's own ``ggml_vali
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +68,23 @@ _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4   # GGML_MAX_DIMS
 
 
+@dataclass
+class Layout:
+    """What ``scan_header`` records: where the tensor infos end, ``general.alignment``, the token
+    texts and the entry counts of the per-token arrays, and every tensor's (name, dims, type,
+    offset relative to the data section)."""
+
+    end: int = 0
+    alignment: int | None = None
+    tokens: list[bytes] | None = None
+    per_token_counts: dict[str, int] = field(default_factory=dict)
+    tensors: list[tuple[bytes, list[int], int, int]] = field(default_factory=list)
+    n_kv: int = 0
+
+
+_PER_TOKEN_KEYS = (b"tokenizer.ggml.scores", b"tokenizer.ggml.token_type")
+
+
 def scan_header(path: Path, error=GGUFError) -> int:
     """Walk the header, metadata and tensor infos of ``path`` checking every count and length
     against the bytes that are really there; return where the tensor infos end.
@@ -75,6 +92,12 @@ def scan_header(path: Path, error=GGUFError) -> int:
     Cheap (no values are decoded), and it never trusts a size field: an array claiming more
     items than the rest of the file could hold is an error at once.
     """
+    return read_layout(path, error).end
+
+
+def read_layout(path: Path, error=GGUFError) -> Layout:
+    """``scan_header``'s walk, keeping what the checks need (far cheaper than gguf-py's reader,
+    which builds numpy objects for every token and merge of a 128k vocabulary)."""
     import mmap
     import struct
 
@@ -105,37 +128,54 @@ def scan_header(path: Path, error=GGUFError) -> int:
         def string() -> None:
             take(u64())
 
+        def text() -> bytes:
+            n = u64()
+            start = take(n)
+            return bytes(mm[start:start + n])
+
+        layout = Layout(n_kv=n_kv)
+
         # Every key-value takes at least 8 + 4 + 1 bytes, every tensor info 8 + 4 + 4 + 8.
         if n_kv * 13 > size - pos or n_tensors * 24 > size - pos:
             raise error(f"header claims {n_kv} metadata keys and {n_tensors} tensors, more than the file holds",
                         path)
         for _ in range(n_kv):
-            string()
+            key = text()
             vtype = u32()
             if vtype in _SCALAR_BYTES:
-                take(_SCALAR_BYTES[vtype])
+                start = take(_SCALAR_BYTES[vtype])
+                if key == b"general.alignment":
+                    layout.alignment = int.from_bytes(mm[start:pos], "little", signed=vtype in (5, 3, 1, 11))
             elif vtype == _STRING:
                 string()
             elif vtype == _ARRAY:
                 itype, count = u32(), u64()
+                if key in _PER_TOKEN_KEYS:
+                    layout.per_token_counts[key.decode()] = count
                 if itype in _SCALAR_BYTES:
                     take(count * _SCALAR_BYTES[itype])
                 elif itype == _STRING:
                     if count * 8 > size - pos:
                         raise error(f"an array claims {count} strings, more than the file holds", path)
-                    for _ in range(count):
-                        string()
+                    if key == b"tokenizer.ggml.tokens":
+                        layout.tokens = [text() for _ in range(count)]
+                    else:
+                        for _ in range(count):
+                            string()
                 else:
                     raise error(f"an array of value type {itype} is not supported", path)
             else:
                 raise error(f"unknown metadata value type {vtype}", path)
         for _ in range(n_tensors):
-            string()
+            name = text()
             n_dims = u32()
             if not 1 <= n_dims <= _MAX_DIMS:
                 raise error(f"a tensor has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)", path)
-            take(8 * n_dims + 4 + 8)
-        return pos
+            dims = list(struct.unpack_from(f"<{n_dims}Q", mm, take(8 * n_dims)))
+            qtype, offset = u32(), u64()
+            layout.tensors.append((name, dims, qtype, offset))
+        layout.end = pos
+        return layout
 
 
 def check_gguf(path: Path, expected: Sequence[ExpectedTensor] | None = None, *, validate_data: bool = True,
@@ -145,28 +185,33 @@ def check_gguf(path: Path, expected: Sequence[ExpectedTensor] | None = None, *, 
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
-    reader = read_gguf_checked(path, error)
+    if not path.is_file():
+        raise error("no such file", path)
+    layout = read_layout(path, error)
     size = path.stat().st_size
-    alignment = _alignment(reader, path, error)
-    if reader.data_offset % alignment:
-        raise error(f"tensor data starts at byte {reader.data_offset}, not a multiple of {alignment}", path)
+    alignment = DEFAULT_ALIGNMENT if layout.alignment is None else layout.alignment
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise error(f"general.alignment is {alignment}, not a power of two", path)
+    data_offset = align(layout.end, alignment)
 
-    tensors = list(reader.tensors)
+    tensors = layout.tensors
     if expected is not None and len(tensors) != len(expected):
         raise error(f"holds {len(tensors)} tensors, the plan has {len(expected)}", path)
     seen: set[str] = set()
     spans = []
-    offset = reader.data_offset
-    for i, t in enumerate(tensors):
-        name = str(t.name)
+    offset = data_offset
+    for i, (raw_name, dims, type_number, relative) in enumerate(tensors):
+        name = raw_name.decode("utf-8", "replace")
         if name in seen:
             raise error(f"tensor {name!r} appears twice", path)
         seen.add(name)
-        qtype = GGMLQuantizationType(int(t.tensor_type))
+        try:
+            qtype = GGMLQuantizationType(type_number)
+        except ValueError:
+            raise error(f"tensor {name!r} has unknown type {type_number}", path) from None
         if qtype not in GGML_QUANT_SIZES:
             raise error(f"tensor {name!r} has type {qtype.name}, which has no block size", path)
         block, type_bytes = GGML_QUANT_SIZES[qtype]
-        dims = [int(d) for d in t.shape]
         if not dims or any(d <= 0 for d in dims):
             raise error(f"tensor {name!r} has shape {dims}", path)
         n = 1
@@ -175,8 +220,8 @@ def check_gguf(path: Path, expected: Sequence[ExpectedTensor] | None = None, *, 
         if dims[0] % block:
             raise error(f"tensor {name!r}: rows of {dims[0]} are not whole {qtype.name} blocks of {block}", path)
         nbytes = n // block * type_bytes
-        start = int(t.data_offset)
-        if (start - reader.data_offset) % alignment:
+        start = data_offset + relative
+        if relative % alignment:
             raise error(f"tensor {name!r} at byte {start} is not aligned to {alignment}", path)
         if start + nbytes > size:
             raise error(f"tensor {name!r} ends at byte {start + nbytes}, past the end of the file ({size})", path)
@@ -187,67 +232,54 @@ def check_gguf(path: Path, expected: Sequence[ExpectedTensor] | None = None, *, 
                             f"{want.name!r} ({GGMLQuantizationType(want.qtype).name}, {want.nbytes} bytes at "
                             f"{offset})", path)
             offset = align(start + nbytes, alignment)
-        spans.append((start, start + nbytes, name))
+        spans.append((start, start + nbytes, name, qtype, dims[0] // block * type_bytes))
     spans.sort()
-    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+    for (_, end, name, *_), (start, _, other, *_) in zip(spans, spans[1:]):
         if start < end:
             raise error(f"tensors {name!r} and {other!r} overlap", path)
     if expected is not None and size != offset:
         raise error(f"file has {size} bytes, the plan {offset}", path)
-    _check_vocab(reader, path, error)
+    _check_vocab(layout, path, error)
     if validate_data:
-        _validate_data(reader, path, error)
-    data_bytes = sum(end - start for start, end, _ in spans)
-    return GGUFSummary(path=path, n_tensors=len(tensors), n_metadata=len(reader.fields),
+        _validate_data(path, spans, error)
+    data_bytes = sum(span[1] - span[0] for span in spans)
+    return GGUFSummary(path=path, n_tensors=len(tensors), n_metadata=layout.n_kv,
                        data_bytes=data_bytes, file_bytes=size)
 
 
-def _alignment(reader, path: Path, error) -> int:
-    field = reader.fields.get("general.alignment")
-    if field is None:
-        return DEFAULT_ALIGNMENT
-    try:
-        value = int(field.parts[field.data[0]][0])
-    except (IndexError, TypeError, ValueError):
-        raise error("general.alignment is not a number", path) from None
-    if value <= 0 or value & (value - 1):
-        raise error(f"general.alignment is {value}, not a power of two", path)
-    return value
-
-
-def _check_vocab(reader, path: Path, error) -> None:
+def _check_vocab(layout: Layout, path: Path, error) -> None:
     """The token list llama.cpp builds its vocabulary from: one entry per id, no text twice, up
     to a NUL (llama.cpp aborts the process on a duplicate rather than failing the load), scores and
     types, when present, of the same length."""
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
+    if layout.tokens is None:
         return
-    try:
-        # llama.cpp reads each token as a C string: the text ends at the first NUL byte.
-        texts = [bytes(tokens.parts[i]).split(b"\0", 1)[0] for i in tokens.data]
-    except (IndexError, TypeError, ValueError):
-        raise error("tokenizer.ggml.tokens is not a list of strings", path) from None
+    # llama.cpp reads each token as a C string: the text ends at the first NUL byte.
+    texts = [t.split(b"\0", 1)[0] for t in layout.tokens]
     if len(set(texts)) != len(texts):
         seen: set[bytes] = set()
         twice = next(t for t in texts if t in seen or seen.add(t))
         raise error(f"tokenizer.ggml.tokens holds {twice[:40]!r} twice", path)
-    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-        field = reader.fields.get(key)
-        if field is not None and len(field.data) != len(texts):
-            raise error(f"{key} has {len(field.data)} entries for {len(texts)} tokens", path)
+    for key, count in layout.per_token_counts.items():
+        if count != len(texts):
+            raise error(f"{key} has {count} entries for {len(texts)} tokens", path)
 
 
-def _validate_data(reader, path: Path, error) -> None:
-    """ggml's check of every tensor's bytes, straight from the file's memory map (no copy)."""
+# Tensor data is validated this many bytes at a time (whole rows), so memory stays flat.
+VALIDATE_CHUNK_BYTES = 32 << 20
+
+
+def _validate_data(path: Path, spans, error) -> None:
+    """ggml's check of every tensor's bytes, read in chunks of whole rows."""
     import numpy as np
-    from gguf import GGMLQuantizationType
 
     from .quant.ggml import validate_row_data
 
-    for t in reader.tensors:
-        data = t.data
-        if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
-            data = np.ascontiguousarray(data)
-        if not validate_row_data(GGMLQuantizationType(int(t.tensor_type)), data):
-            raise error(f"tensor {str(t.name)!r} holds invalid {GGMLQuantizationType(int(t.tensor_type)).name} "
-                        f"data (non-finite values or scales)", path)
+    with open(path, "rb") as fh:
+        for start, end, name, qtype, row_bytes in sorted(spans):
+            step = max(row_bytes, VALIDATE_CHUNK_BYTES // row_bytes * row_bytes)
+            fh.seek(start)
+            for lo in range(start, end, step):
+                data = np.frombuffer(fh.read(min(step, end - lo)), dtype=np.uint8)
+                if not validate_row_data(qtype, data):
+                    raise error(f"tensor {name!r} holds invalid {qtype.name} data (non-finite values or "
+                                f"scales)", path)

@@ -175,7 +175,9 @@ def _load_hf_tokenizer(path: Path):
 
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as exc:   # the tokenizers library raises plain Exceptions for bad files
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:   # plain Exceptions for bad files, and a Rust panic (a BaseException)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TokenizerError(f"the tokenizers library cannot load it ({reason[:200]})", path) from None
 

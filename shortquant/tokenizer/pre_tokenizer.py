@@ -48,7 +48,12 @@ def detect_pre(hf_tokenizer, path: Path) -> str:
     The probe is encoded with special tokens, as ``AutoTokenizer.encode`` does in llama.cpp's
     converter (a BOS added by the post-processor is part of the hash).
     """
-    digest = probe_hash(hf_tokenizer.encode(probe_text()).ids)
+    try:
+        digest = probe_hash(hf_tokenizer.encode(probe_text()).ids)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:   # a tokenizer.json the library loads but cannot run (a Rust panic)
+        raise TokenizerError(f"the tokenizer fails on llama.cpp's probe text ({str(exc)[:160]})", path) from None
     name = pre_for_hash(digest)
     if name is None:
         raise TokenizerError(
