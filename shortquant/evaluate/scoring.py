@@ -65,8 +65,10 @@ def _nll_block(x, targets, scratch):
 def _base_block(x, targets, scratch):
     """q (uint16), top (float32), nll (float64), argmax (int32) of a block of rows."""
     t, u, mask = scratch.view(len(x))
-    top_index, log_z, _ = _log_z(x, t, u)
-    m = x[np.arange(len(x)), top_index]
+    top_index, log_z, log_sum = _log_z(x, t, u)
+    rows = np.arange(len(x))
+    nll = log_sum - t[rows, targets].astype(np.float64)  # rounded as in _nll_block / _kld_block
+    m = x[rows, top_index]
     # lp - top = x - m (in t, exact near the top), so q = round((x - m) / STEP) + LEVELS + 1
     np.less(t, np.float32(-WINDOW), out=mask)  # below the window
     np.multiply(t, np.float32(1 / STEP), out=u)
@@ -76,7 +78,6 @@ def _base_block(x, targets, scratch):
     np.copyto(u, 0, where=mask)
     q = u.astype(np.uint16)
     top = (m - log_z).astype(np.float32)
-    nll = log_z - x[np.arange(len(x)), targets]
     return q, top, nll, top_index.astype(np.int32)
 
 
