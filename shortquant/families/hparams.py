@@ -30,6 +30,9 @@ def llama_style_hparams(config: dict, path, *, allow_bias: bool = False) -> dict
     if n_head % n_head_kv:
         raise ConfigError(f"num_attention_heads={n_head} is not a multiple of num_key_value_heads={n_head_kv}",
                           path)
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        raise ConfigError(f"head_dim is {head_dim!r} (from head_dim, or hidden_size / num_attention_heads); "
+                          f"it must be a positive integer", path)
     if head_dim % 2:
         raise ConfigError(f"head_dim={head_dim} must be even for rotary embeddings", path)
     if not allow_bias and (config.get("attention_bias") or config.get("mlp_bias")):

@@ -56,6 +56,8 @@ def read_block_shapes(blocks: dict[int, dict[str, str]], stored, tensors, hp: di
             if k % head_dim:
                 fail(index, f"{ATTN[1]!r} has {k} rows, not a multiple of head_dim {head_dim}")
             n_head, n_head_kv = q // head_dim, k // head_dim
+            if not n_head or not n_head_kv:
+                fail(index, f"{ATTN[0]!r} has {q} rows and {ATTN[1]!r} {k}: no whole head")
             if n_head % n_head_kv:
                 fail(index, f"{n_head} attention heads ({ATTN[0]!r}) are not a multiple of {n_head_kv} KV heads "
                             f"({ATTN[1]!r})")
