@@ -53,7 +53,7 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
         return
     import torch
 
-    from .imatrix import compute_imatrix, write_imatrix
+    from .imatrix import compute_imatrix
 
     if not model_dir.is_dir():
         raise SourceError("not a model folder", model_dir)
@@ -74,9 +74,16 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
     model = _load_model(model_dir)
     result = compute_imatrix(model, tokens, ctx=ctx, chunks=chunks, bos_id=bos_id,
                              dataset=text_file.name, progress=not (quiet or as_json))
+    _write_and_report(output, result, ctx, len(tokens), quiet, as_json)
+
+
+def _write_and_report(output: Path, result, ctx: int, n_tokens: int, quiet: bool, as_json: bool) -> None:
+    """Write the imatrix and say what was written (both paths end the same way)."""
+    from .imatrix import write_imatrix
+
     write_imatrix(output, result)
     summary = {"output": str(output), "entries": len(result.sums), "chunks": result.chunk_count,
-               "ctx": ctx, "tokens": len(tokens)}
+               "ctx": ctx, "tokens": n_tokens}
     if as_json:
         click.echo(json.dumps(summary))
     elif not quiet:
@@ -115,7 +122,6 @@ def _imatrix_from_gguf(path: Path, text_file: Path, output: Path | None, ctx: in
                        threads: int | None, quiet: bool, as_json: bool) -> None:
     """``imatrix`` on a GGUF file: llama.cpp evaluates it and tokenizes with its own vocabulary."""
     from ..evaluate.llama_backend import check_gguf
-    from .imatrix import write_imatrix
     from .imatrix_llama import compute_imatrix_gguf, gguf_tokens
 
     try:
@@ -130,11 +136,4 @@ def _imatrix_from_gguf(path: Path, text_file: Path, output: Path | None, ctx: in
     tokens = gguf_tokens(path, text)
     result = compute_imatrix_gguf(path, tokens, ctx=ctx, chunks=chunks, threads=threads,
                                   dataset=text_file.name, progress=not (quiet or as_json))
-    write_imatrix(output, result)
-    summary = {"output": str(output), "entries": len(result.sums), "chunks": result.chunk_count,
-               "ctx": ctx, "tokens": len(tokens)}
-    if as_json:
-        click.echo(json.dumps(summary))
-    elif not quiet:
-        click.echo(f"wrote {summary['entries']} entries from {summary['chunks']} chunks of {ctx} tokens "
-                   f"to {output}")
+    _write_and_report(output, result, ctx, len(tokens), quiet, as_json)
