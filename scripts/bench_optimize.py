@@ -12,6 +12,8 @@ optimizer moved bits (by tensor kind, by distance to a removed block) and the co
     python scripts/bench_optimize.py --model models/demo --out-dir /tmp/bench-opt
     python scripts/bench_optimize.py --model /path/to/unpruned --out-dir /tmp/bench-opt-full \\
         --calib ../shared/fixtures/calibration-text.txt --text shortquant/evaluate/data/eval_text.txt
+    python scripts/bench_optimize.py --model /tmp/bench/llama-7b-shapes-4blk --out-dir /tmp/bench-opt-7b \\
+        --quant q4_k_m --cost-only      # the cost on bench_export.py's LLaMA-7B-shaped checkpoint
 
 Results go to <out-dir>/bench_optimize.json as well.
 """
@@ -31,13 +33,13 @@ sys.path.insert(0, str(REPO))
 DEFAULT_CALIB = REPO.parent / "shared" / "fixtures" / "calibration-text.txt"
 
 
-def make_imatrix(model: Path, calib: Path, out: Path, ctx: int, stored_blocks) -> Path:
+def make_imatrix(model: Path, calib: Path, out: Path, ctx: int, stored_blocks, chunks: int) -> Path:
     from shortquant.quant.imatrix import compute_imatrix, write_imatrix
-    from shortquant.quant.probe import calibration_tokens, load_hf_model
+    from shortquant.quant.probe import calibration_tokens, load_probe_model
 
     tokens, bos = calibration_tokens(model, calib.read_text(encoding="utf-8"))
-    im = compute_imatrix(load_hf_model(model, stored_blocks), tokens, ctx=ctx, chunks=64, bos_id=bos, dataset=calib.name,
-                         progress=False)
+    im = compute_imatrix(load_probe_model(model, stored_blocks), tokens, ctx=ctx, chunks=chunks, bos_id=bos,
+                         dataset=calib.name, progress=False)
     write_imatrix(out, im)
     return out
 
@@ -95,19 +97,24 @@ def make_files(args, quants, recipe) -> dict:
     from shortquant.source.checkpoint import open_checkpoint
 
     stored = make_model_plan(open_checkpoint(args.model), ExportOptions(recipe=recipe)).block_map.stored
-    imatrix = make_imatrix(args.model, args.calib, out / "model.imatrix.gguf", args.calib_ctx, stored)
-    base_report, _ = export(args.model, out / "base", ["f32"], imatrix, threads=args.threads, recipe=recipe)
+    imatrix = make_imatrix(args.model, args.calib, out / "model.imatrix.gguf", args.calib_ctx, stored,
+                           args.imatrix_chunks)
+    base_report = None
+    if not args.cost_only:
+        base_report, _ = export(args.model, out / "base", ["f32"], imatrix, threads=args.threads, recipe=recipe)
     std_report, std_seconds = export(args.model, out / "standard", quants, imatrix, threads=args.threads,
                                      recipe=recipe)
     request = OptimizeRequest(calib=args.calib, optimize=True, ctx=args.calib_ctx, probe_chunks=args.probe_chunks,
                               verify_chunks=args.verify_chunks)
     opt_report, opt_seconds = export(args.model, out / "optimized", quants, imatrix, request, threads=args.threads,
                                      recipe=recipe)
-    return {"base": str(base_report.files[0].path), "standard": [str(f.path) for f in std_report.files],
+    return {"base": str(base_report.files[0].path) if base_report else None,
+            "standard": [str(f.path) for f in std_report.files],
             "optimized": [str(f.path) for f in opt_report.files],
             "optimized_flags": [o.optimized for o in opt_report.optimized],
             "seconds": {"standard": std_seconds, "optimize": opt_seconds},
-            "notes": [n for o in opt_report.optimized for n in o.notes]}
+            "notes": [n for o in opt_report.optimized for n in o.notes],
+            "stages": opt_report.optimized[0].seconds if opt_report.optimized else {}}
 
 
 def main(argv=None) -> int:
@@ -119,9 +126,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quant", action="append", default=None, help="mixes [q4_k_m, q3_k_m, q2_k]")
     parser.add_argument("--ctx", type=int, default=128, help="evaluation context")
     parser.add_argument("--calib-ctx", type=int, default=256)
-    parser.add_argument("--probe-chunks", type=int, default=4)
-    parser.add_argument("--verify-chunks", type=int, default=4)
+    parser.add_argument("--probe-chunks", type=int, default=None, help="[2 up to 0.5 B parameters, else 1]")
+    parser.add_argument("--verify-chunks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--imatrix-chunks", type=int, default=64, help="calibration chunks for the imatrix")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="time the plain and the optimized export only (no F32 base, no evaluation)")
     parser.add_argument("--reuse", action="store_true", help="reuse the files of an earlier run in --out-dir")
     parser.add_argument("--recipe", default=None,
                         help="recipe (provenance of the pruning) [shortquant-demo for the demo model]")
@@ -150,6 +160,14 @@ def main(argv=None) -> int:
         made = make_files(args, quants, recipe)
         stage.write_text(json.dumps(made, indent=2))
     std_seconds, opt_seconds = made["seconds"]["standard"], made["seconds"]["optimize"]
+    if args.cost_only:
+        print(f"cost: plain export of {', '.join(quants)} {std_seconds:.1f} s; with --optimize {opt_seconds:.1f} s "
+              f"({opt_seconds / std_seconds:.2f}x); same imatrix, {args.threads or 'default'} threads")
+        print("optimizer stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in made.get("stages", {}).items()))
+        for note in made["notes"]:
+            print("note:", note)
+        (out / "bench_optimize_cost.json").write_text(json.dumps(made, indent=2))
+        return 0
 
     paths = [Path(p) for p in made["standard"]] + [Path(p) for p in made["optimized"]]
     results = evaluate_files(paths, text, args.ctx, Path(made["base"]), threads=args.threads)

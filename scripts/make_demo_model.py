@@ -399,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--remove", type=int, default=2, help="blocks to remove")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-unpruned", type=Path, default=None, metavar="DIR",
+                        help="also save the trained model before pruning (the demo's unpruned original)")
     args = parser.parse_args(argv)
     if not args.gguf.is_file():
         parser.error(f"{args.gguf}: not found (pass --gguf)")
@@ -463,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     args.recipe.parent.mkdir(parents=True, exist_ok=True)
     args.recipe.write_text(json.dumps(recipe(shape, removed, 1 - params_pruned / params_full),
                                       indent=2) + "\n")
+    if args.save_unpruned:   # last: save() turns the model to float16
+        print("6. saving the unpruned model to", args.save_unpruned)
+        save(model, proto, shape, args.save_unpruned, f"# Shortquant-Demo, unpruned\n\nThe {shape.num_hidden_layers}-block "
+             f"model the demo was pruned from (held-out perplexity {full_ppl:.3f}).\n")
     print(json.dumps(report, indent=2))
     return 0
 

@@ -124,13 +124,25 @@ def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
 def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json):
     """Show what shortquant sees in SOURCE and what it will write. Reads no weights.
 
-    SOURCE is a Hugging Face checkpoint folder; without it, the embedded demo model.
+    SOURCE is a Hugging Face checkpoint folder; without it, the embedded demo model. Given a
+    GGUF file instead, shows what that file holds: its type and size, the blocks it was pruned
+    to, every tensor kind's types and, for an optimized mix (--optimize, --target-bpw), the
+    optimizer's record: budget, base mix, measured KL divergences and the tensors it changed.
 
     \b
     Examples:
       shortquant inspect ./st-vicuna-v1.3-5.5b-taylor
       shortquant inspect ./my-sleb-model --source-blocks 0-9,11-31 --quant q4_k_m
+      shortquant inspect out/st-vicuna-5.5b-Q4_K_M_OPT.gguf --json
     """
+    if source is not None and str(source).lower().endswith(".gguf"):
+        from .gguf_info import describe_file, file_info
+
+        if not Path(source).is_file():
+            raise click.BadParameter(f"{source}: no such file", param_hint="SOURCE")
+        info = file_info(source)
+        click.echo(json.dumps(info, indent=2) if as_json else describe_file(info))
+        return
     from .export import make_model_plan
     from .plan import describe, plan_as_dict, plan_file
     from .quant.types import parse_quants

@@ -115,7 +115,8 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
 
         files, outcomes = run_optimizer(checkpoint, plan, files, options, importance, extra)
     check_space(plan, files, options, extra)
-    report = write_files(checkpoint, plan, files, options, importance, extra)
+    measured = {o.file.quant: o.encoded for o in outcomes}   # bytes the optimizer already quantized
+    report = write_files(checkpoint, plan, files, options, importance, extra, measured)
     report.skipped = skipped
     report.removed_stale = stale
     report.optimized = outcomes
@@ -211,8 +212,12 @@ def pieces(plan: ModelPlan, chunk_values: int | None = None) -> list[Piece]:
 
 def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePlan],
                 options: ExportOptions, importance: dict[str, np.ndarray] | None = None,
-                extra_metadata: Sequence = ()) -> ExportReport:
+                extra_metadata: Sequence = (), encoded: dict[str, dict[str, np.ndarray]] | None = None
+                ) -> ExportReport:
     """Read every tensor once, in pieces, and write each piece into every file of ``files``.
+
+    ``encoded``: per file, tensors already quantized (whole, as rows of bytes); their pieces are
+    sliced from there instead of quantized again.
 
     The next piece is read while the current one is quantized. A failure specific to one file
     (say, a quantization error) abandons that file only; the others are finished. Bad source
@@ -248,9 +253,13 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
                 t0 = time.perf_counter()
                 qtype = f.tensor_types[name]
                 try:
-                    encoded = quantize(data, qtype, column_weights if is_quantized(qtype) else None, options.threads,
-                                       validate=not options.allow_nonfinite)
-                    write_behind.submit(writers[f.quant].write, name, encoded)
+                    done = (encoded or {}).get(f.quant, {}).get(name)
+                    if done is not None and len(piece.tensor.shape) > 1:
+                        rows = done[piece.start:piece.stop]
+                    else:
+                        rows = quantize(data, qtype, column_weights if is_quantized(qtype) else None, options.threads,
+                                        validate=not options.allow_nonfinite)
+                    write_behind.submit(writers[f.quant].write, name, rows)
                 except QuantError as exc:
                     failed[f.quant] = f"{name}: {exc}"
                     write_behind.wait()

@@ -88,6 +88,16 @@ def test_optimize_q4_k_m(tiny, texts, tmp_path):
         from shortquant.publish.card import read_gguf
 
         assert read_gguf(written.path).type == "Q4_K_M_OPT"   # the card lists it as a variant
+        import json
+
+        shown = CliRunner().invoke(main, ["inspect", str(written.path), "--json"])   # inspect shows the record
+        assert shown.exit_code == 0, shown.output
+        info = json.loads(shown.stdout)
+        assert info["type"] == "Q4_K_M_OPT" and info["bytes"] == written.bytes
+        assert info["optimize"]["changes"] == [c for c in changes if c != "none"]
+        assert info["optimize"]["budget_bytes"] == standard.stat().st_size
+        text = CliRunner().invoke(main, ["inspect", str(written.path)]).stdout
+        assert "optimized mix: budget" in text and f"{len(info['optimize']['changes'])} tensors differ" in text
     else:   # the fallback is the standard file, byte for byte
         assert written.path.read_bytes() == standard.read_bytes()
         assert "wrote the standard" in " ".join(outcome.notes)
@@ -95,20 +105,35 @@ def test_optimize_q4_k_m(tiny, texts, tmp_path):
     again = library_export(tiny, tmp_path / "again", ["q4_k_m"], calib, optimize=True)
     assert again.files[0].path.read_bytes() == written.path.read_bytes()   # same inputs, same file
 
+    # the file is made of the encodings the verification measured; quantizing afresh gives the same bytes
+    import dataclasses
+
+    from shortquant.export import ExportOptions, make_model_plan, source_metadata, write_files
+    from shortquant.source.checkpoint import open_checkpoint
+
+    assert outcome.encoded
+    checkpoint = open_checkpoint(tiny)
+    options = ExportOptions(out_dir=tmp_path / "fresh", quiet=True)
+    plan = make_model_plan(checkpoint, options)
+    options.out_dir.mkdir()
+    file = dataclasses.replace(outcome.file, path=options.out_dir / written.path.name)
+    fresh = write_files(checkpoint, plan, [file], options, extra_metadata=source_metadata(checkpoint, plan, options))
+    assert fresh.files[0].path.read_bytes() == written.path.read_bytes()
+
 
 def test_fallback_when_the_optimized_mix_measures_worse(tiny, texts, tmp_path, monkeypatch):
     from shortquant.quant import optimize
 
-    real = optimize.measure_mix
+    real = optimize.MixVerifier.measure
     standard_types = {}
 
-    def worse_unless_standard(checkpoint, plan, prober, types, *args, **kwargs):
-        kld = real(checkpoint, plan, prober, types, *args, **kwargs)
+    def worse_unless_standard(self, types, which):
+        kld = real(self, types, which)
         if not standard_types:
-            standard_types.update(optimize.plan_file(plan, "q4_k_m", tmp_path).tensor_types)
+            standard_types.update(optimize.plan_file(self.plan, "q4_k_m", tmp_path).tensor_types)
         return kld if types == standard_types else kld + 1.0
 
-    monkeypatch.setattr(optimize, "measure_mix", worse_unless_standard)
+    monkeypatch.setattr(optimize.MixVerifier, "measure", worse_unless_standard)
     calib, _ = texts
     report = library_export(tiny, tmp_path / "out", ["q4_k_m"], calib, optimize=True)
     (outcome,) = report.optimized
@@ -183,3 +208,115 @@ def test_probe_swaps_back_exactly(tiny, texts, tmp_path, layout):
     assert prober.kld() > 0
     prober.restore()
     assert prober.kld() == 0.0
+
+
+def _probe_both_ways(prober, source: str, value: np.ndarray, block: int | None) -> tuple[float, float]:
+    """KLD of one swapped weight, rerunning from its block and running everything."""
+    prober.set_weight(source, value)
+    try:
+        return prober.kld(from_block=block), prober.kld()
+    finally:
+        prober.restore()
+
+
+def test_probe_reruns_only_the_blocks_after_the_change(tiny, texts):
+    """A probe that starts at the changed block measures what a whole forward pass measures."""
+    from shortquant.quant.imatrix import chunk_tokens
+    from shortquant.quant.probe import Prober, calibration_tokens
+
+    tokens, bos = calibration_tokens(tiny, texts[0].read_text())
+    chunks = chunk_tokens(tokens, ctx=64, chunks=3, bos_id=bos)
+    prober = Prober(tiny, chunks, probe_chunks=2)
+    assert prober.replay and len(prober.block_inputs[0]) == 2
+    rng = np.random.default_rng(0)
+    for block, source in [(0, "model.layers.0.self_attn.v_proj.weight"), (2, "model.layers.2.mlp.down_proj.weight"),
+                          (3, "lm_head.weight")]:
+        w = prober.params[source].detach().numpy()
+        noisy = w + rng.standard_normal(w.shape).astype(np.float32) * np.abs(w).mean()
+        fast, whole = _probe_both_ways(prober, source, noisy, block)
+        assert fast > 1e-4
+        assert fast == pytest.approx(whole, rel=1e-4)
+    assert prober.kld(from_block=1) == prober.kld() == 0.0
+
+
+@pytest.mark.parametrize("layout", ["llm-pruner", "flap", "llm-drop", "decilm"])
+def test_probe_loads_width_pruned_and_deci_models(tmp_path, layout):
+    """The prober builds width-pruned, sub-block-dropped and DeciLM checkpoints block by block
+    (transformers' from_pretrained cannot), and its outputs are the checkpoint's."""
+    import pruned
+    from shortquant.quant.probe import Prober
+
+    model, src = pruned.LAYOUTS[layout](tmp_path / "src")
+    chunks = [[1, 17, 250, 3, 99, 311, 7, 128, 300, 45, 6, 2, 77, 200, 31, 260]] * 2
+    prober = Prober(src, chunks, probe_chunks=2)
+    assert prober.replay
+    import torch
+
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([chunks[0]])).logits[0].float()
+    np.testing.assert_allclose(prober.reference[0].numpy(), torch.log_softmax(logits, -1).numpy(), atol=1e-4)
+    last = prober.n_blocks - 1
+    name = next(n for n in prober.params if n.startswith(f"model.layers.{last}.") and n.endswith("proj.weight"))
+    w = prober.params[name].detach().numpy()
+    fast, whole = _probe_both_ways(prober, name, w * 1.5, last)
+    assert fast > 0 and fast == pytest.approx(whole, rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["llm-pruner", "decilm"])
+def test_optimize_width_pruned_and_deci(tmp_path, texts, layout):
+    """A width-pruned model (FFN padded to 256 for the K types) and a DeciLM with linear
+    attention and a zero stand-in: optimized within the standard file's size, and the file runs
+    in llama.cpp, its logits near the f32 file's."""
+    import pruned
+    from llama_eval import gguf_logits
+
+    calib, _ = texts
+    _, src = pruned.LAYOUTS[layout](tmp_path / "src")
+    std = run_export(src, tmp_path / "std", "-q", "q4_k_m", "-q", "f32")
+    assert std.exit_code == 0, std.output
+    standard = next((tmp_path / "std").glob("*-Q4_K_M.gguf"))
+    report = library_export(src, tmp_path / "opt", ["q4_k_m"], calib, optimize=True)
+    (written,) = report.files
+    assert written.bytes <= standard.stat().st_size
+    tokens = [1, 17, 250, 3, 99, 311, 7, 128]
+    ours = gguf_logits(written.path, tokens)
+    exact = gguf_logits(next((tmp_path / "std").glob("*-F32.gguf")), tokens)
+    assert np.isfinite(ours).all()
+    assert np.abs(ours - exact).max() < 0.5 * np.abs(exact).max()
+
+
+def test_the_users_tensor_types_are_kept(tiny, texts, tmp_path):
+    """--tensor-type and --output-type fix those tensors; the optimizer works around them."""
+    calib, _ = texts
+    result = run_export(tiny, tmp_path / "out", "-q", "q4_k_m", "--optimize", "--calib", str(calib),
+                        "--tensor-type", "ffn_down=q8_0", "--output-type", "f16")
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "out").glob("*.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["output.weight"] == "F16"
+    assert all(q == "Q8_0" for n, q in types.items() if "ffn_down" in n)
+
+
+def test_optimize_with_an_imatrix_from_llama_cpp_evaluation(tiny, texts, tmp_path):
+    """An importance matrix in llama-imatrix's format (made through llama.cpp's own evaluation)
+    drives both the standard mix and the optimized one; the budget is the imatrix-made file's."""
+    calib, _ = texts
+    assert run_export(tiny, tmp_path / "f32", "-q", "f32").exit_code == 0
+    f32 = next((tmp_path / "f32").glob("*.gguf"))
+    imatrix = tmp_path / "tiny.imatrix.gguf"
+    made = CliRunner().invoke(main, ["imatrix", str(f32), "--text", str(calib), "--ctx", "64", "--chunks", "4",
+                                     "-o", str(imatrix), "--quiet"])
+    assert made.exit_code == 0, made.output
+    std = run_export(tiny, tmp_path / "std", "-q", "q3_k_m", "--imatrix", str(imatrix))
+    assert std.exit_code == 0, std.output
+    standard = next((tmp_path / "std").glob("*.gguf"))
+    opt = run_export(tiny, tmp_path / "opt", "-q", "q3_k_m", "--optimize", "--calib", str(calib),
+                     "--imatrix", str(imatrix))
+    assert opt.exit_code == 0, opt.output
+    (written,) = (tmp_path / "opt").glob("*.gguf")
+    assert written.stat().st_size <= standard.stat().st_size
+    reader = gguf.GGUFReader(written)
+    if written.name.endswith("_OPT.gguf"):
+        assert reader.get_field(keys.OPTIMIZE_BUDGET).contents() == standard.stat().st_size
+    else:
+        assert written.read_bytes() == standard.read_bytes()

@@ -16,6 +16,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Callable, Sequence
 
+from ..system import available_memory
 from .jobsfile import ModelJob
 from .steps import ModelOutcome, RunSettings, run_model
 
@@ -38,18 +39,6 @@ def job_memory(job: ModelJob) -> int:
         else:
             need += EXPORT_MEMORY   # a hub id: unknown until downloaded
     return need
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def plan_workers(jobs: Sequence[ModelJob], requested: int | None = None, *, cores: int | None = None,

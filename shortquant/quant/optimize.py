@@ -26,6 +26,7 @@ import hashlib
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -47,19 +48,20 @@ REFERENCE_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5
 OPT_SUFFIX = "_OPT"
 # Tensors larger than this many values are measured on evenly spaced rows (rows quantize
 # independently, so the sum over a row sample, scaled, estimates the whole).
-SAMPLE_VALUES = 1 << 22
+SAMPLE_VALUES = 1 << 20
 
 
 @dataclass(frozen=True)
 class OptimizeSettings:
     calib: Path
     ctx: int = 256
-    probe_chunks: int = 4        # calibration chunks the probes measure KLD on
-    verify_chunks: int = 4       # further chunks the verification measures on
+    probe_chunks: int | None = None   # calibration chunks the probes measure KLD on [by model size]
+    verify_chunks: int = 2       # further chunks the verification measures on
     max_probe_blocks: int = 8    # blocks probed tensor by tensor (cut neighbours first)
     threads: int | None = None
     quiet: bool = False
     base_metadata: tuple[MetaItem, ...] = ()   # what export adds to every file (counted in budgets)
+    overrides: QuantOverrides | None = None    # the user's --tensor-type & co: kept as given
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ class OptimizeRequest:
     target_bpw: float | None = None
     target_size: int | None = None
     ctx: int = 256
-    probe_chunks: int = 4
-    verify_chunks: int = 4
+    probe_chunks: int | None = None
+    verify_chunks: int = 2
     max_probe_blocks: int = 8
 
 
@@ -96,7 +98,7 @@ def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], option
     settings = OptimizeSettings(calib=request.calib, ctx=request.ctx, probe_chunks=request.probe_chunks,
                                 verify_chunks=request.verify_chunks, max_probe_blocks=request.max_probe_blocks,
                                 threads=options.threads, quiet=options.quiet,
-                                base_metadata=tuple(base_metadata))
+                                base_metadata=tuple(base_metadata), overrides=options.overrides)
     return optimize_files(checkpoint, plan, files, targets, settings, importance, options.out_dir, has_imatrix)
 
 
@@ -126,7 +128,7 @@ class Measurement:
     coef: dict[str, float]                 # predicted KLD per unit of weighted error
     probes: dict[str, tuple[T, float]]     # probed tensor -> (type, measured KLD)
     fixed: dict[str, T]                    # tensors that are not quantized (norms) and their type
-    seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)   # "errors", "probes"
 
 
 @dataclass
@@ -141,6 +143,8 @@ class Outcome:
     predicted: float = 0.0
     bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    encoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # for the writer
+    seconds: dict[str, float] = field(default_factory=dict)   # the whole run's, by stage
 
     def as_dict(self) -> dict:
         """For ``export --json``."""
@@ -148,7 +152,8 @@ class Outcome:
         return {"target": self.target.label, "budget": self.target.budget, "written": self.file.type_label,
                 "optimized": self.optimized, "bytes": self.bytes, "base_mix": ref.quant if ref else None,
                 "kld_calibration": self.kld, "kld_calibration_base_mix": self.kld_reference,
-                "kld_predicted": self.predicted, "notes": self.notes}
+                "kld_predicted": self.predicted, "notes": self.notes,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
 
 
 # -- budgets, counted by planning the file ------------------------------------------------------
@@ -288,51 +293,105 @@ def _probe_type(cands: Sequence[T]) -> T:
 def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: OptimizeSettings,
             extra_types: dict[str, set[T]], has_imatrix: bool) -> Measurement:
     """Errors of every candidate type of every tensor, and each tensor's sensitivity."""
-    import time
-
     from tqdm import tqdm
 
     from ..export import Piece, load_piece
 
-    start = time.perf_counter()
     fixed_plan = plan_file(plan, "q8_0", Path("."), require_imatrix=False)
     dist = cut_distance(plan)
     probed_blocks = set(probe_blocks(plan, settings.max_probe_blocks))
     probe_slice = slice(0, settings.probe_chunks)
     errors, probes, fixed, raw_coef = {}, {}, {}, {}
-    quantizable = [t for t in plan.tensors if is_quantized(fixed_plan.tensor_types[t.name])]
+    user = user_choices(plan, settings.overrides, has_imatrix)
+    quantizable = [t for t in plan.tensors
+                   if is_quantized(fixed_plan.tensor_types[t.name]) and not t.computed and t.name not in user]
     for t in plan.tensors:
-        if t not in quantizable:
+        if t.name in user:
+            fixed[t.name] = user[t.name]
+        elif t.computed and is_quantized(fixed_plan.tensor_types[t.name]):
+            # deci's zero stand-ins: exact in any type, so the smallest
+            fixed[t.name] = candidate_types(t.shape, has_imatrix=has_imatrix)[0]
+        elif t not in quantizable:
             fixed[t.name] = fixed_plan.tensor_types[t.name]
+    seconds = {"errors": 0.0, "probes": 0.0}
+    tick = time.perf_counter()
     for t in tqdm(quantizable, desc="measure types", unit="tensor", disable=settings.quiet, leave=False):
+        seconds["probes"] += time.perf_counter() - tick
+        tick = time.perf_counter()
         role = tensor_role(t.name)
         special = role in (OUTPUT, TOKEN_EMBD)
         cands = candidate_types(t.shape, has_imatrix=has_imatrix, extra=extra_types.get(t.name, ()),
                                 embedding_or_output=special)
         data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
-        col_w = prober.column_weights(t.source) if role != TOKEN_EMBD else None
-        row_w = prober.token_counts[: t.shape[0]] / max(prober.token_counts.sum(), 1) if role == TOKEN_EMBD else None
-        probe = special or block_of(t.name) in probed_blocks
+        block = block_of(t.name)
+        probe = special or block in probed_blocks
         ptype = _probe_type(cands)
-        rows = _sample_rows(t) if role != TOKEN_EMBD else None
+        if role == TOKEN_EMBD:   # a row matters as often as its token occurs
+            rows, row_w, scale = _sample_token_rows(prober.token_counts[: t.shape[0]], t.shape[-1])
+            col_w = None
+        else:
+            rows, row_w, col_w = _sample_rows(t), None, _columns(prober.column_weights(t.source), t.shape[-1])
+            scale = 1.0 if rows is None else t.shape[0] / len(rows)
         sample = data if rows is None else data[rows]
-        scale = 1.0 if rows is None else t.shape[0] / len(rows)
         errs = tensor_errors(sample, cands, importance.get(t.name), col_w, row_w, settings.threads)
         errors[t.name] = {q: e * scale for q, e in errs.items()}
-        if probe:
-            from ..transforms import undo_transform
-            from .sensitivity import roundtrip
+        seconds["errors"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        if not probe:
+            continue
+        from .sensitivity import roundtrip
 
-            decoded = roundtrip(data, ptype, importance.get(t.name), settings.threads)
-            prober.set_weight(t.source, undo_transform(t, decoded))
-            kld = prober.kld(probe_slice)
-            prober.restore()
-            probes[t.name] = (ptype, kld)
-            err = errors[t.name][ptype]
-            if err > 0:
-                raw_coef[t.name] = kld / err
+        value = source_layout(checkpoint, t, roundtrip(data, ptype, importance.get(t.name), settings.threads))
+        prober.set_weight(t.source, value)
+        # only the blocks from this tensor's onwards are rerun (the output: none of them)
+        first = block if block is not None else (prober.n_blocks if role == OUTPUT else None)
+        kld = prober.kld(probe_slice, from_block=first)
+        prober.restore()
+        _record_probe(t.name, ptype, kld, probes, errors, raw_coef)
+    seconds["probes"] += time.perf_counter() - tick
     coef = _spread(plan, quantizable, raw_coef, dist)
-    return Measurement(errors, coef, probes, fixed, time.perf_counter() - start)
+    return Measurement(errors, coef, probes, fixed, seconds)
+
+
+def _record_probe(name: str, ptype: T, kld: float, probes: dict, errors: dict, raw_coef: dict) -> None:
+    probes[name] = (ptype, kld)
+    err = errors[name][ptype]
+    if err > 0:
+        raw_coef[name] = kld / err
+
+
+def user_choices(plan: ModelPlan, overrides: QuantOverrides | None, has_imatrix: bool) -> dict[str, T]:
+    """The tensors whose type the user chose (``--tensor-type``, ``--output-type``,
+    ``--embedding-type``) and that type, as the mix engine applies it."""
+    if overrides is None or overrides.pure:
+        return {}
+    patterns = [p for p, _ in overrides.compiled()]
+    types = plan_file(plan, "q8_0", Path("."), overrides, has_imatrix, require_imatrix=False).tensor_types
+    out = {}
+    for t in plan.tensors:
+        role = tensor_role(t.name)
+        if ((role == TOKEN_EMBD and overrides.embedding_type is not None)
+                or (role == OUTPUT and overrides.output_type is not None)
+                or (is_quantized(types[t.name]) and any(p.search(t.name) for p in patterns))):
+            out[t.name] = types[t.name]
+    return out
+
+
+def source_layout(checkpoint, t: TensorPlan, decoded: np.ndarray) -> np.ndarray:
+    """A decoded tensor as the checkpoint holds it: rows back in Hugging Face order, the zero
+    padding of a padded FFN (``--pad-ffn``) cut off."""
+    from ..transforms import undo_transform
+
+    value = undo_transform(t, decoded.reshape(t.shape))
+    shape = tuple(checkpoint.tensors[t.source].shape)
+    return value if value.shape == shape else value[tuple(slice(0, n) for n in shape)]
+
+
+def _columns(weights: np.ndarray | None, width: int) -> np.ndarray | None:
+    """Column weights of a layer, zero for the padding columns of a padded FFN (their inputs are 0)."""
+    if weights is None or len(weights) == width:
+        return weights
+    return np.concatenate([weights, np.zeros(width - len(weights), dtype=weights.dtype)])
 
 
 def _sample_rows(t: TensorPlan) -> np.ndarray | None:
@@ -340,6 +399,17 @@ def _sample_rows(t: TensorPlan) -> np.ndarray | None:
         return None
     step = -(-t.n_elements // SAMPLE_VALUES)
     return np.arange(0, t.shape[0], step)
+
+
+def _sample_token_rows(counts: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Embedding rows to measure (tokens the calibration text has; rows of tokens it lacks weigh
+    nothing), their weights (token frequencies) and the factor that scales their error to all."""
+    if not counts.any():
+        counts = np.ones_like(counts)
+    seen = np.flatnonzero(counts)
+    total = counts.sum()
+    rows = seen if len(seen) * cols <= SAMPLE_VALUES else seen[:: -(-len(seen) * cols // SAMPLE_VALUES)]
+    return rows, counts[rows] / total, float(total / counts[rows].sum())
 
 
 def _spread(plan, quantizable, raw_coef, dist) -> dict[str, float]:
@@ -428,7 +498,8 @@ def solve_target(plan: ModelPlan, target: Target, m: Measurement, settings: Opti
                              f"({target.budget * 8 / plan.n_params:.3f} bpw) is below the smallest reachable "
                              f"size, {smallest:,} bytes ({smallest * 8 / plan.n_params:.3f} bpw)") from None
         extra = _metadata(target, calib_id, _changes(choice, target.reference), 0.0, 0.0)
-        fp = _optimized_plan(plan, target, choice, out_dir, has_imatrix, extra)
+        # the fixed types too: deci's zero stand-ins and the user's own choices
+        fp = _optimized_plan(plan, target, {**m.fixed, **choice}, out_dir, has_imatrix, extra)
         size = file_bytes(plan, fp, base=settings.base_metadata)
         if size <= target.budget:
             predicted = sum(o.cost for n, opts in options.items() for o in opts if o.qtype == choice[n])
@@ -468,24 +539,68 @@ def _nbytes(t: TensorPlan, qtype: T) -> int:
     return t.n_elements // block * size
 
 
-def measure_mix(checkpoint, plan: ModelPlan, prober, types: dict[str, T], importance: dict,
-                which: slice, threads: int | None) -> float:
-    """Calibration KLD of the model with every tensor decoded from ``types``."""
-    from ..export import Piece, load_piece
-    from ..transforms import undo_transform
-    from .sensitivity import roundtrip
+class MixVerifier:
+    """Decodes whole mixes into the model and measures them, one after the other.
 
-    try:
-        for t in plan.tensors:
+    A tensor is quantized again only when its type differs from the mix measured before (the
+    optimized mix is measured right after its standard mix, so only the tensors it changed).
+    The encodings are kept, up to ``keep_bytes``, for the writer: the file written is then
+    made of the very bytes that were measured, and nothing is quantized twice.
+    """
+
+    def __init__(self, checkpoint, plan: ModelPlan, prober, importance: dict, threads: int | None,
+                 keep_bytes: int = 0):
+        self.checkpoint, self.plan, self.prober = checkpoint, plan, prober
+        self.importance, self.threads = importance, threads
+        self.keep_bytes = keep_bytes
+        self.encoded: dict[tuple[str, T], np.ndarray] = {}
+        self.current: dict[str, T] = {}
+
+    def measure(self, types: dict[str, T], which: slice) -> float:
+        """Calibration KLD of the model with every tensor decoded from ``types``."""
+        from ..export import Piece, load_piece
+        from .ggml import dequantize, quantize
+
+        for t in self.plan.tensors:
             qtype = types[t.name]
-            if not is_quantized(qtype) and qtype == T.F32:
+            if (not is_quantized(qtype) and qtype == T.F32) or t.computed or self.current.get(t.name) == qtype:
                 continue
-            data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
-            decoded = roundtrip(data.reshape(-1, t.shape[-1]), qtype, importance.get(t.name), threads)
-            prober.set_weight(t.source, undo_transform(t, decoded.reshape(data.shape)))
-        return prober.kld(which)
-    finally:
-        prober.restore()
+            encoded = self.encoded.get((t.name, qtype))
+            if encoded is None:
+                data = load_piece(self.checkpoint, Piece(t, 0, t.shape[0])).reshape(-1, t.shape[-1])
+                imatrix = self.importance.get(t.name) if is_quantized(qtype) else None
+                encoded = quantize(data, qtype, imatrix, self.threads)
+                if encoded.nbytes <= self.keep_bytes:
+                    self.encoded[(t.name, qtype)] = encoded
+                    self.keep_bytes -= encoded.nbytes
+            decoded = dequantize(encoded, qtype, t.shape[-1], self.threads)
+            self.prober.set_weight(t.source, source_layout(self.checkpoint, t, decoded))
+            self.current[t.name] = qtype
+        return self.prober.kld(which)
+
+    def encodings(self, types: dict[str, T]) -> dict[str, np.ndarray]:
+        """The kept encodings of a mix's tensors (tensor name -> rows of bytes)."""
+        return {name: self.encoded[(name, q)] for name, q in types.items() if (name, q) in self.encoded}
+
+    def close(self) -> None:
+        self.prober.restore()
+        self.current.clear()
+        self.encoded.clear()   # what the writer needs stays with the outcomes
+
+
+def cache_budget() -> int:
+    """Bytes of encodings worth keeping for the writer: a quarter of the free memory, at most 4 GiB."""
+    from ..system import available_memory
+
+    free = available_memory()
+    return min(4 << 30, free // 4) if free else 1 << 30
+
+
+def default_probe_chunks(n_params: int) -> int:
+    """Calibration chunks each probe measures: two for models up to half a billion parameters,
+    one beyond (probing is the optimizer's largest cost after quantizing; on the demo one chunk
+    instead of two cost a few points of the gain, on a LLaMA-7B-shaped model it halves probing)."""
+    return 2 if n_params <= 500_000_000 else 1
 
 
 def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targets: Sequence[Target],
@@ -502,6 +617,8 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
     text = read_text(settings.calib)
     calib_id = f"{Path(settings.calib).name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     tokens, bos = calibration_tokens(plan.source, text)
+    if settings.probe_chunks is None:
+        settings = dataclasses.replace(settings, probe_chunks=default_probe_chunks(plan.n_params))
     want = settings.probe_chunks + settings.verify_chunks
     chunks = chunk_tokens(tokens, ctx=settings.ctx, chunks=want, bos_id=bos)
     if len(chunks) <= settings.probe_chunks:
@@ -513,44 +630,58 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
         probe_slice, verify_slice = slice(0, settings.probe_chunks), slice(settings.probe_chunks, len(chunks))
         reused = False
     del probe_slice
-    prober = Prober(plan.source, chunks, settings.threads, plan.block_map.stored)
+    started = time.perf_counter()
+    prober = Prober(plan.source, chunks, settings.threads, plan.block_map.stored, settings.probe_chunks)
+    seconds = {"model and reference": time.perf_counter() - started}
     extra_types: dict[str, set[T]] = {}
     for target in targets:
         if target.reference is not None:
             for name, qtype in target.reference.tensor_types.items():
                 extra_types.setdefault(name, set()).add(qtype)
     m = measure(checkpoint, plan, prober, importance, settings, extra_types, has_imatrix)
+    seconds.update(m.seconds)
+    started = time.perf_counter()
 
     outcomes = []
     replaced: dict[str, FilePlan] = {}
     added: list[FilePlan] = []
-    for target in targets:
-        fp, predicted = solve_target(plan, target, m, settings, calib_id, out_dir, has_imatrix)
-        kld = measure_mix(checkpoint, plan, prober, fp.tensor_types, importance, verify_slice, settings.threads)
-        ref_kld = None
-        if target.reference is not None:
-            ref_kld = measure_mix(checkpoint, plan, prober, target.reference.tensor_types, importance,
-                                  verify_slice, settings.threads)
-        extra = _metadata(target, calib_id, _changes(fp.tensor_types, target.reference), kld, ref_kld)
-        fp = dataclasses.replace(fp, extra_metadata=extra)
-        outcome = Outcome(target, fp, True, kld, ref_kld, predicted, file_bytes(plan, fp, base=settings.base_metadata))
-        where = "the probe chunks (text too short to keep them apart)" if reused else "held-apart calibration chunks"
-        if ref_kld is not None and kld >= ref_kld:
-            outcome.file, outcome.optimized = target.reference, False
-            outcome.bytes = file_bytes(plan, target.reference, base=settings.base_metadata)
-            outcome.notes.append(f"{target.label}: the optimized mix measured no better than "
-                                 f"{target.reference.type_label} on {where} (KLD {kld:.5f} vs {ref_kld:.5f}); "
-                                 f"wrote the standard {target.reference.type_label} instead")
-        else:
-            versus = (f", {target.reference.type_label} {ref_kld:.5f} ({(kld / ref_kld - 1) * 100:+.1f}%)"
-                      if ref_kld else " (no standard mix fits this budget to compare with)")
-            outcome.notes.append(f"{target.label}: {outcome.bytes:,} bytes of a {target.budget:,} budget; "
-                                 f"KLD on {where} {kld:.5f}{versus}")
-        outcomes.append(outcome)
-        if target.key.endswith("-opt") and target.reference is not None and target.key[:-4] == target.reference.quant:
-            replaced[target.reference.quant] = outcome.file
-        else:
-            added.append(outcome.file)
+    verifier = MixVerifier(checkpoint, plan, prober, importance, settings.threads, cache_budget())
+    try:
+        for target in targets:
+            fp, predicted = solve_target(plan, target, m, settings, calib_id, out_dir, has_imatrix)
+            ref_kld = None
+            if target.reference is not None:   # first: the optimized mix then differs in a few tensors
+                ref_kld = verifier.measure(target.reference.tensor_types, verify_slice)
+            kld = verifier.measure(fp.tensor_types, verify_slice)
+            extra = _metadata(target, calib_id, _changes(fp.tensor_types, target.reference), kld, ref_kld)
+            fp = dataclasses.replace(fp, extra_metadata=extra)
+            size = file_bytes(plan, fp, base=settings.base_metadata)
+            outcome = Outcome(target, fp, True, kld, ref_kld, predicted, size)
+            where = ("the probe chunks (text too short to keep them apart)" if reused
+                     else "held-apart calibration chunks")
+            if ref_kld is not None and kld >= ref_kld:
+                outcome.file, outcome.optimized = target.reference, False
+                outcome.bytes = file_bytes(plan, target.reference, base=settings.base_metadata)
+                outcome.notes.append(f"{target.label}: the optimized mix measured no better than "
+                                     f"{target.reference.type_label} on {where} (KLD {kld:.5f} vs {ref_kld:.5f}); "
+                                     f"wrote the standard {target.reference.type_label} instead")
+            else:
+                versus = (f", {target.reference.type_label} {ref_kld:.5f} ({(kld / ref_kld - 1) * 100:+.1f}%)"
+                          if ref_kld else " (no standard mix fits this budget to compare with)")
+                outcome.notes.append(f"{target.label}: {outcome.bytes:,} bytes of a {target.budget:,} budget; "
+                                     f"KLD on {where} {kld:.5f}{versus}")
+            outcome.encoded = verifier.encodings(outcome.file.tensor_types)
+            outcomes.append(outcome)
+            ref = target.reference
+            if target.key.endswith("-opt") and ref is not None and target.key[:-4] == ref.quant:
+                replaced[ref.quant] = outcome.file
+            else:
+                added.append(outcome.file)
+    finally:
+        verifier.close()
+    seconds["solve and verify"] = time.perf_counter() - started
+    for outcome in outcomes:
+        outcome.seconds = seconds
     out = [replaced.get(f.quant, f) for f in files] + [f for f in added if f.quant not in {x.quant for x in files}]
     return _unique(out), outcomes
 

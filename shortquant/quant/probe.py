@@ -107,33 +107,64 @@ def hf_name(source: str, stored_blocks: Sequence[int] | None) -> str:
     return _LAYER.sub(lambda m: f".layers.{renumber.get(int(m.group(1)), int(m.group(1)))}.", source)
 
 
+def load_probe_model(model_dir: Path, stored_blocks: Sequence[int] | None = None):
+    """The checkpoint as a float32 transformers model: built block by block when its blocks are not
+    what its config describes (width-pruned, sub-blocks removed, DeciLM), else :func:`load_hf_model`."""
+    from ..families.hf_model import load_per_block_model
+
+    try:
+        model = load_per_block_model(Path(model_dir))
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"transformers cannot load the model to measure it: {first}", model_dir) from None
+    return model if model is not None else load_hf_model(model_dir, stored_blocks)
+
+
 class Prober:
-    """The model, its reference outputs on the calibration chunks, and weight swapping."""
+    """The model, its reference outputs on the calibration chunks, and weight swapping.
+
+    The first ``probe_chunks`` chunks (all by default) are the probe chunks: the reference pass
+    keeps every block's input on them, so a probe of a tensor in block ``b`` reruns only blocks
+    ``b`` onwards (``kld(from_block=b)``). The reference log-probabilities are kept in float32
+    (the KL divergence is summed in float64); the probabilities are recomputed from them.
+    """
 
     def __init__(self, model_dir: Path, chunks: Sequence[Sequence[int]], threads: int | None = None,
-                 stored_blocks: Sequence[int] | None = None):
+                 stored_blocks: Sequence[int] | None = None, probe_chunks: int | None = None):
         import torch
 
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
         self.stored_blocks = tuple(stored_blocks) if stored_blocks is not None else None
-        self.model = load_hf_model(model_dir, self.stored_blocks)
+        self.model = load_probe_model(model_dir, self.stored_blocks)
         self.params = {name: p for name, p in self.model.named_parameters()}
         self.chunks = [torch.as_tensor(np.asarray(c, dtype=np.int64))[None, :] for c in chunks]
+        self.n_probe = len(self.chunks) if probe_chunks is None else min(probe_chunks, len(self.chunks))
         self._originals: dict[str, "torch.Tensor"] = {}
         self.col_sq: dict[str, np.ndarray] = {}   # parameter name -> mean squared input per column
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.token_counts = np.zeros(vocab, dtype=np.float64)
         for chunk in chunks:
             np.add.at(self.token_counts, np.asarray(chunk, dtype=np.int64) % vocab, 1)
+        self.layers = list(getattr(getattr(self.model, "model", None), "layers", None) or [])
+        self.final_norm = getattr(getattr(self.model, "model", None), "norm", None)
+        # block_inputs[b][i]: the input of block b on probe chunk i (b = len(layers): of the final norm)
+        self.block_inputs: list[list] = [[] for _ in range(len(self.layers) + 1)]
+        self.block_kwargs: list[dict] = []   # the keyword arguments every block got, per probe chunk
         self.reference = self._reference()
-        self.reference_p = [lp.exp() for lp in self.reference]
+        self.replay = self._replay_matches()
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.layers)
 
     def _reference(self) -> list:
-        """Log-probs of every chunk, collecting the input statistics of every linear layer."""
+        """Log-probs of every chunk, collecting the input statistics of every linear layer and,
+        on the probe chunks, every block's input."""
         torch = self.torch
         sums, counts, hooks = {}, {}, []
+        keep = {"on": False}
 
         def hook_for(name: str):
             def hook(module, args):
@@ -142,21 +173,57 @@ class Prober:
                 counts[name] = counts.get(name, 0) + x.shape[0]
             return hook
 
+        def block_hook(index: int):
+            def hook(module, args, kwargs):
+                if keep["on"]:
+                    x = args[0] if args else kwargs["hidden_states"]
+                    self.block_inputs[index].append(x.detach().clone())
+                    if index == 0:
+                        self.block_kwargs.append({k: v for k, v in kwargs.items()
+                                                  if k not in ("hidden_states", "cache", "past_key_values")})
+            return hook
+
         for name, module in self.model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 hooks.append(module.register_forward_pre_hook(hook_for(name + ".weight")))
+        for index, layer in enumerate(self.layers + ([self.final_norm] if self.final_norm is not None else [])):
+            hooks.append(layer.register_forward_pre_hook(block_hook(index), with_kwargs=True))
         try:
-            out = [self._log_probs(chunk) for chunk in self.chunks]
+            out = []
+            for i, chunk in enumerate(self.chunks):
+                keep["on"] = i < self.n_probe
+                out.append(self._log_probs(chunk))
         finally:
             for h in hooks:
                 h.remove()
         self.col_sq = {name: (sums[name] / counts[name]).float().numpy() for name in sums}
         return out
 
+    def _replay_matches(self) -> bool:
+        """Whether rerunning the last block from its kept input gives the reference (it does for
+        every decoder this project loads; anything else falls back to whole forward passes)."""
+        if not self.layers or self.final_norm is None or not self.block_kwargs:
+            return False
+        try:
+            with self.torch.inference_mode():
+                again = self._tail_log_probs(0, self.n_blocks - 1)
+        except (TypeError, RuntimeError, KeyError):
+            return False
+        return bool(self.torch.allclose(again, self.reference[0], atol=1e-4, rtol=0))
+
     def _log_probs(self, chunk):
         with self.torch.inference_mode():
-            logits = self.model(input_ids=chunk).logits[0].double()
-        return self.torch.log_softmax(logits, dim=-1)
+            logits = self.model(input_ids=chunk, use_cache=False).logits[0]
+            return self.torch.log_softmax(logits.float(), dim=-1)
+
+    def _tail_log_probs(self, i: int, from_block: int):
+        """Log-probs of probe chunk ``i``, rerunning blocks ``from_block`` onwards only."""
+        h = self.block_inputs[from_block][i]
+        for layer in self.layers[from_block:]:
+            h = layer(h, **self.block_kwargs[i])
+            h = h[0] if isinstance(h, tuple) else h
+        logits = self.model.lm_head(self.final_norm(h))[0]
+        return self.torch.log_softmax(logits.float(), dim=-1)
 
     def column_weights(self, source: str) -> np.ndarray | None:
         """Mean squared input per column of the linear layer holding checkpoint tensor ``source``."""
@@ -182,11 +249,22 @@ class Prober:
                 self.params[param].copy_(original)
         self._originals.clear()
 
-    def kld(self, which: slice = slice(None)) -> float:
-        """Mean KL(reference || current model) over the tokens of chunks ``which``."""
+    def kld(self, which: slice = slice(None), from_block: int | None = None) -> float:
+        """Mean KL(reference || current model) over the tokens of chunks ``which``.
+
+        ``from_block``: the first block whose weights were changed (``n_blocks``: only the output
+        was); on probe chunks the blocks before it are not rerun. None: run everything.
+        """
+        torch = self.torch
         total, n = 0.0, 0
-        for chunk, ref, p in zip(self.chunks[which], self.reference[which], self.reference_p[which]):
-            lp = self._log_probs(chunk)
-            total += float((p * (ref - lp)).sum())
+        for i in range(len(self.chunks))[which]:
+            ref = self.reference[i]
+            if from_block is not None and self.replay and i < self.n_probe:
+                with torch.inference_mode():
+                    lp = self._tail_log_probs(i, from_block)
+            else:
+                lp = self._log_probs(self.chunks[i])
+            with torch.inference_mode():
+                total += float((ref.exp() * (ref - lp)).sum(dtype=torch.float64))
             n += ref.shape[0]
         return max(total / n, 0.0)
