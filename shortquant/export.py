@@ -117,6 +117,8 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
     check_space(plan, files, options, extra)
     measured = {o.file.quant: o.encoded for o in outcomes}   # bytes the optimizer already quantized
     report = write_files(checkpoint, plan, files, options, importance, extra, measured)
+    for outcome in outcomes:   # written: the report need not hold the encodings
+        outcome.encoded = {}
     report.skipped = skipped
     report.removed_stale = stale
     report.optimized = outcomes

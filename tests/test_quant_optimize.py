@@ -59,7 +59,7 @@ def library_export(src, out, quants, calib, **request):
     return export(src, ExportOptions(quants=tuple(quants), out_dir=out, quiet=True, threads=1, optimize=req))
 
 
-def test_optimize_q4_k_m(tiny, texts, tmp_path):
+def test_optimize_q4_k_m(tiny, texts, tmp_path, monkeypatch):
     calib, _ = texts
     std = run_export(tiny, tmp_path / "std", "-q", "q4_k_m")
     assert std.exit_code == 0, std.output
@@ -102,16 +102,25 @@ def test_optimize_q4_k_m(tiny, texts, tmp_path):
         assert written.path.read_bytes() == standard.read_bytes()
         assert "wrote the standard" in " ".join(outcome.notes)
 
-    again = library_export(tiny, tmp_path / "again", ["q4_k_m"], calib, optimize=True)
-    assert again.files[0].path.read_bytes() == written.path.read_bytes()   # same inputs, same file
-
-    # the file is made of the encodings the verification measured; quantizing afresh gives the same bytes
     import dataclasses
 
+    from shortquant import export as export_module
     from shortquant.export import ExportOptions, make_model_plan, source_metadata, write_files
     from shortquant.source.checkpoint import open_checkpoint
 
-    assert outcome.encoded
+    handed = {}
+
+    def spy(*args):
+        handed.update(args[-1] or {})
+        return write_files(*args)
+
+    monkeypatch.setattr(export_module, "write_files", spy)
+    again = library_export(tiny, tmp_path / "again", ["q4_k_m"], calib, optimize=True)
+    assert again.files[0].path.read_bytes() == written.path.read_bytes()   # same inputs, same file
+    assert handed[outcome.file.quant]   # written from the encodings the verification measured
+    assert not again.optimized[0].encoded   # and not kept in the report afterwards
+
+    # quantizing afresh gives the same bytes
     checkpoint = open_checkpoint(tiny)
     options = ExportOptions(out_dir=tmp_path / "fresh", quiet=True)
     plan = make_model_plan(checkpoint, options)
