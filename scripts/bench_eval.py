@@ -24,6 +24,7 @@ The ratios are medians over the pairs (ours / llama.cpp). Results go to
     python scripts/bench_eval.py --out-dir /tmp/bench-eval                 # everything
     python scripts/bench_eval.py --out-dir /tmp/bench-eval --only ppl kld --reps 3
     python scripts/bench_eval.py --blocks 8 --chunks 24                     # quicker
+    python scripts/bench_eval.py --shape llama3-8b --only ppl kld+base --chunks 4   # 128k vocabulary
 
 llama.cpp's tools are built the first time by scripts/llama_cpp_tools.py (cached).
 """
@@ -195,7 +196,10 @@ def importance_agreement(ours: Path, ref: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/shortquant-bench-eval"))
-    parser.add_argument("--blocks", type=int, default=30)
+    parser.add_argument("--shape", choices=("smol", "llama3-8b"), default="smol",
+                        help="smol: SmolLM-135M's shapes; llama3-8b: Llama-3-8B's (128,256-token BPE "
+                             "vocabulary, built by bench_export.py; its logits are what strains memory)")
+    parser.add_argument("--blocks", type=int, default=None, help="[30 for smol, 2 for llama3-8b]")
     parser.add_argument("--text", type=Path, default=TEXT_FIXTURE)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=24, help="perplexity / KLD chunks")
@@ -223,17 +227,28 @@ def main() -> int:
     log = out / f"bench_eval{tag}.log"
     with open(log, "a") as fh:
         fh.write(f"\n=== {' '.join(sys.argv)}\n")
-    src = build_checkpoint(out / f"smol-{args.blocks}blk", args.blocks)
-    gguf = export_ggufs(src, out / f"gguf-{args.blocks}blk")
+    args.blocks = args.blocks or (2 if args.shape == "llama3-8b" else 30)
+    if args.shape == "llama3-8b":
+        from bench_export import LLAMA3_8B, build_checkpoint as build_llama3
+
+        shape = LLAMA3_8B
+        src = build_llama3(out / f"llama3-8b-{args.blocks}blk", args.blocks, shape_name="llama3-8b")
+        if src is None:
+            return 0
+    else:
+        shape = SMOL
+        src = build_checkpoint(out / f"smol-{args.blocks}blk", args.blocks)
+    gguf = export_ggufs(src, out / f"gguf-{args.shape}-{args.blocks}blk" if args.shape != "smol"
+                        else out / f"gguf-{args.blocks}blk")
     for path in [*gguf.values(), *src.iterdir()]:  # warm the page cache for both sides alike
         with open(path, "rb") as fh:
             while fh.read(1 << 24):
                 pass
     t, c, text = str(args.threads), str(args.ctx), str(args.text)
-    print(f"model: {gguf['f16'].name} ({args.blocks} blocks, vocab {SMOL['vocab_size']}), ctx {c}, "
+    print(f"model: {gguf['f16'].name} ({args.blocks} blocks, vocab {shape['vocab_size']}), ctx {c}, "
           f"threads {t}, load average {os.getloadavg()[0]:.2f}", flush=True)
     results: dict = {"model": {"checkpoint": str(src), **{k: str(v) for k, v in gguf.items()},
-                               "blocks": args.blocks, **SMOL},
+                               "blocks": args.blocks, **shape},
                      "settings": vars(args) | {"out_dir": str(out), "text": text, "only": args.only},
                      "load_average_start": os.getloadavg(), "steps": {}}
     steps = results["steps"]
@@ -316,6 +331,7 @@ def main() -> int:
         steps["bench"] = {"speeds": speeds}
 
     results["load_average_end"] = os.getloadavg()
+    tag += "" if args.shape == "smol" else f"-{args.shape}"
     name = f"bench_eval{tag}.json" if len(args.only) == 6 else f"bench_eval{tag}-{'_'.join(args.only)}.json"
     (out / name).write_text(json.dumps(results, indent=2, default=str))
     print()
