@@ -6,13 +6,15 @@
    type (:mod:`shortquant.quant.sensitivity`), its error weighted by the calibration activations;
 2. **probe**: for the embedding, the output, the blocks next to removed blocks and a sample of
    the others, one decoded tensor is swapped into the Hugging Face model and the KL divergence on
-   calibration tokens measured (:mod:`shortquant.quant.probe`); KLD / error is that tensor's
-   sensitivity, and unprobed tensors take the median of probed tensors of the same kind;
+   calibration tokens measured (:mod:`shortquant.quant.probe`; only the blocks from the
+   tensor's own onwards are rerun); KLD / error is that tensor's sensitivity, and unprobed
+   tensors take the median of probed tensors of the same kind;
 3. **solve**: one type per tensor, least predicted KLD, with the whole file (header, metadata,
    padding) within the budget, counted by planning the file (:mod:`shortquant.quant.solver`);
 4. **verify**: the chosen mix and the standard one are both decoded into the model and measured
    on calibration chunks the probes did not use; the optimized file is written only when it
-   measures better, else the standard mix is written and a note says so.
+   measures better, else the standard mix is written and a note says so. Either is written from
+   the encodings the verification measured (:class:`MixVerifier`), not quantized again.
 
 The result is a :class:`FilePlan` like any other: the chosen types are fed through
 ``choose_types`` as exact ``--tensor-type`` overrides, and the writer adds ``shortquant.optimize.*``
