@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_export import Step, measure, write_safetensors_bf16  # noqa: E402
+from bench_export import SHAPES, Step, build_checkpoint, measure  # noqa: E402
 
 SHARED = Path(os.environ.get("SHORTQUANT_SHARED", REPO.parent / "shared")) / "fixtures"
 TOKENIZER_FIXTURE = SHARED / "llama-tokenizer.model"
@@ -60,53 +60,10 @@ TARGETS = {  # step -> (wall ratio at most, peak RSS ratio at most), from issue 
 }
 TOOLS = ("llama-perplexity", "llama-imatrix", "llama-bench")
 
-# SmolLM-135M's shapes (only the block count may differ).
-SMOL = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-            vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=2048)
-
 
 # ---------------------------------------------------------------------------------------------
-# The model
+# The model (bench_export.py builds the checkpoint)
 # ---------------------------------------------------------------------------------------------
-
-def checkpoint_tensors(blocks: int) -> list[tuple[str, tuple[int, ...]]]:
-    """HF LLaMA tensor names and shapes, tied embeddings (no lm_head), in transformers' order."""
-    h, f, v = SMOL["hidden_size"], SMOL["intermediate_size"], SMOL["vocab_size"]
-    kv = h * SMOL["num_key_value_heads"] // SMOL["num_attention_heads"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for i in range(blocks):
-        p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                (p + "mlp.down_proj.weight", (h, f)),
-                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-    return out + [("model.norm.weight", (h,))]
-
-
-def build_checkpoint(folder: Path, blocks: int, seed: int = 0) -> Path:
-    stamp = {"blocks": blocks, "seed": seed, **SMOL}
-    if (folder / "bench_stamp.json").is_file() and json.loads((folder / "bench_stamp.json").read_text()) == stamp:
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    print(f"writing a {blocks}-block checkpoint (hidden {SMOL['hidden_size']}, vocab "
-          f"{SMOL['vocab_size']}, bf16) to {folder} ...", flush=True)
-    write_safetensors_bf16(folder / "model.safetensors", checkpoint_tensors(blocks), seed)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": blocks,
-              "hidden_act": "silu", "initializer_range": 0.02, "rope_theta": 10000.0,
-              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-              "torch_dtype": "bfloat16", "use_cache": True, **SMOL}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}, indent=2))
-    shutil.copyfile(TOKENIZER_FIXTURE, folder / "tokenizer.model")
-    (folder / "bench_stamp.json").write_text(json.dumps(stamp))
-    return folder
-
 
 def export_ggufs(src: Path, out: Path) -> dict[str, Path]:
     """F16 and Q8_0 exports of ``src`` (reused when present)."""
@@ -228,16 +185,10 @@ def main() -> int:
     with open(log, "a") as fh:
         fh.write(f"\n=== {' '.join(sys.argv)}\n")
     args.blocks = args.blocks or (2 if args.shape == "llama3-8b" else 30)
-    if args.shape == "llama3-8b":
-        from bench_export import LLAMA3_8B, build_checkpoint as build_llama3
-
-        shape = LLAMA3_8B
-        src = build_llama3(out / f"llama3-8b-{args.blocks}blk", args.blocks, shape_name="llama3-8b")
-        if src is None:
-            return 0
-    else:
-        shape = SMOL
-        src = build_checkpoint(out / f"smol-{args.blocks}blk", args.blocks)
+    shape = SHAPES[args.shape]
+    src = build_checkpoint(out / f"{args.shape}-{args.blocks}blk", args.blocks, shape_name=args.shape)
+    if src is None:   # no tokenizer fixture
+        return 0
     gguf = export_ggufs(src, out / f"gguf-{args.shape}-{args.blocks}blk" if args.shape != "smol"
                         else out / f"gguf-{args.blocks}blk")
     for path in [*gguf.values(), *src.iterdir()]:  # warm the page cache for both sides alike

@@ -61,7 +61,10 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
                  vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=500000.0,
                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-SHAPES = {"llama-7b": LLAMA_7B, "llama3-8b": LLAMA3_8B}
+# SmolLM-135M shapes (scripts/bench_eval.py's model): a 49,152-token vocabulary, tied embeddings.
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+            vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=True)
+SHAPES = {"llama-7b": LLAMA_7B, "llama3-8b": LLAMA3_8B, "smol": SMOL}
 # Issue 8's targets for the Llama-3 shape (q4_k_m against convert + llama-quantize).
 LLAMA3_TARGETS = {"(a)/(b) wall": ("a", "b", 0.8), "(a)/(b) peak RSS": ("a", "b", 0.5)}
 
@@ -71,7 +74,8 @@ LLAMA3_TARGETS = {"(a)/(b) wall": ("a", "b", 0.8), "(a)/(b) peak RSS": ("a", "b"
 # ---------------------------------------------------------------------------------------------
 
 def checkpoint_tensors(blocks: int, shape: dict = LLAMA_7B) -> list[tuple[str, tuple[int, ...]]]:
-    """HF LLaMA tensor names and shapes, in the order transformers saves them."""
+    """HF LLaMA tensor names and shapes, in the order transformers saves them (no ``lm_head``
+    when the shape ties the embeddings)."""
     h, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     out = [("model.embed_tokens.weight", (v, h))]
@@ -82,7 +86,8 @@ def checkpoint_tensors(blocks: int, shape: dict = LLAMA_7B) -> list[tuple[str, t
                 (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
                 (p + "mlp.down_proj.weight", (h, f)),
                 (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    out.append(("model.norm.weight", (h,)))
+    return out if shape.get("tie_word_embeddings") else out + [("lm_head.weight", (v, h))]
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
