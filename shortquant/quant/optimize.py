@@ -41,7 +41,7 @@ from .. import keys
 from ..errors import QuantError
 from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan, plan_file
 from .mixes import OUTPUT, TOKEN_EMBD, QuantOverrides, tensor_role
-from .sensitivity import candidate_types, tensor_errors
+from .sensitivity import candidate_types, roundtrip, tensor_errors
 from .solver import BudgetTooSmall, Option, solve
 from .types import QuantSpec, is_quantized, parse_quant
 
@@ -316,9 +316,7 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
         elif t not in quantizable:
             fixed[t.name] = fixed_plan.tensor_types[t.name]
     seconds = {"errors": 0.0, "probes": 0.0}
-    tick = time.perf_counter()
     for t in tqdm(quantizable, desc="measure types", unit="tensor", disable=settings.quiet, leave=False):
-        seconds["probes"] += time.perf_counter() - tick
         tick = time.perf_counter()
         role = tensor_role(t.name)
         special = role in (OUTPUT, TOKEN_EMBD)
@@ -338,28 +336,21 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
         errs = tensor_errors(sample, cands, importance.get(t.name), col_w, row_w, settings.threads)
         errors[t.name] = {q: e * scale for q, e in errs.items()}
         seconds["errors"] += time.perf_counter() - tick
-        tick = time.perf_counter()
         if not probe:
             continue
-        from .sensitivity import roundtrip
-
+        tick = time.perf_counter()
         value = source_layout(checkpoint, t, roundtrip(data, ptype, importance.get(t.name), settings.threads))
         prober.set_weight(t.source, value)
         # only the blocks from this tensor's onwards are rerun (the output: none of them)
         first = block if block is not None else (prober.n_blocks if role == OUTPUT else None)
         kld = prober.kld(probe_slice, from_block=first)
         prober.restore()
-        _record_probe(t.name, ptype, kld, probes, errors, raw_coef)
-    seconds["probes"] += time.perf_counter() - tick
+        probes[t.name] = (ptype, kld)
+        if errors[t.name][ptype] > 0:
+            raw_coef[t.name] = kld / errors[t.name][ptype]
+        seconds["probes"] += time.perf_counter() - tick
     coef = _spread(plan, quantizable, raw_coef, dist)
     return Measurement(errors, coef, probes, fixed, seconds)
-
-
-def _record_probe(name: str, ptype: T, kld: float, probes: dict, errors: dict, raw_coef: dict) -> None:
-    probes[name] = (ptype, kld)
-    err = errors[name][ptype]
-    if err > 0:
-        raw_coef[name] = kld / err
 
 
 def user_choices(plan: ModelPlan, overrides: QuantOverrides | None, has_imatrix: bool) -> dict[str, T]:
