@@ -135,3 +135,22 @@ def _modules():
             return self.linear_attn(hidden_states), None
 
     return NoAttention, NoMLP, LinearAttention
+
+
+def load_torch_model(model_dir: Path, dtype=None):
+    """The checkpoint as a transformers model (eval mode, blocks renumbered ``0..N-1`` in stored
+    order), the one torch model every job that runs the Hugging Face model uses.
+
+    Interim body: the per-block builder or the probe's renumbering loader; issue 20 replaces it
+    with one strict builder from the block map.
+    """
+    from shortquant.layers import group_block_tensors
+    from shortquant.quant.probe import load_probe_model
+    from shortquant.source.checkpoint import open_checkpoint
+
+    from . import find_family
+
+    checkpoint = open_checkpoint(Path(model_dir))
+    blocks, _ = group_block_tensors(checkpoint.tensors, find_family(checkpoint).block_prefix)
+    model = load_probe_model(Path(model_dir), sorted(blocks))
+    return model if dtype is None else model.to(dtype)
