@@ -100,8 +100,11 @@ def plan_files(plan: ModelPlan, options: ExportOptions) -> tuple[list[FilePlan],
     return files, skipped
 
 
-def export(source: Path, options: ExportOptions) -> ExportReport:
-    """Convert the checkpoint at ``source`` into one GGUF file per requested type."""
+def export(source: Path, options: ExportOptions, split_limit: int | None = None) -> ExportReport:
+    """Convert the checkpoint at ``source`` into one GGUF file per requested type.
+
+    ``split_limit``: the caller splits files over this many bytes afterwards, so the free-space
+    check also counts the parts written beside the largest such file."""
     start = time.perf_counter()
     checkpoint = open_checkpoint(source)
     plan = make_model_plan(checkpoint, options)
@@ -114,7 +117,7 @@ def export(source: Path, options: ExportOptions) -> ExportReport:
         from .quant.optimize import run_optimizer
 
         files, outcomes = run_optimizer(checkpoint, plan, files, options, importance, extra)
-    check_space(plan, files, options, extra)
+    check_space(plan, files, options, extra, split_limit)
     measured = {o.file.quant: o.encoded for o in outcomes}   # bytes the optimizer already quantized
     report = write_files(checkpoint, plan, files, options, importance, extra, measured)
     for outcome in outcomes:   # written: the report need not hold the encodings
@@ -168,11 +171,15 @@ def source_metadata(checkpoint: Checkpoint, plan: ModelPlan, options: ExportOpti
 
 
 def check_space(plan: ModelPlan, files: Sequence[FilePlan], options: ExportOptions,
-                extra_metadata: Sequence = ()) -> int:
-    """Refuse up front when the planned files (exact sizes) do not fit; return the bytes needed."""
-    from .space import check_free_space
+                extra_metadata: Sequence = (), split_limit: int | None = None) -> int:
+    """Refuse up front when the planned files (exact sizes) do not fit; return the bytes needed.
 
-    needed = sum(GGUFFileWriter(plan, f, extra_metadata).planned_size() for f in files)
+    With ``split_limit``, files over it are split one at a time after the export: the parts of
+    the largest one stand beside it until it is removed, so that much more must fit."""
+    from .space import check_free_space, split_reserve
+
+    sizes = [GGUFFileWriter(plan, f, extra_metadata).planned_size() for f in files]
+    needed = sum(sizes) + split_reserve(sizes, split_limit)
     check_free_space(options.out_dir, needed, options.force)
     return needed
 

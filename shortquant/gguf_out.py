@@ -20,6 +20,7 @@ import numpy as np
 from .errors import GGUFError, OutputError
 from .gguf_check import ExpectedTensor, align, check_gguf
 from .partfiles import PART_SUFFIX, PartLock
+from .signals import signals_deferred
 from .plan import FilePlan, MetaItem, ModelPlan
 
 
@@ -58,8 +59,9 @@ class GGUFFileWriter:
     def open(self) -> None:
         writer = self._build_writer()
         self._pending = [(t.name, self.file_plan.tensor_nbytes(t)) for t in self.plan.tensors]
-        self._lock = PartLock.acquire(self.part_path)   # refused if another run writes this file
         try:
+            with signals_deferred():   # no signal between creating the .part and owning it
+                self._lock = PartLock.acquire(self.part_path)   # refused if another run writes this file
             _write_header(writer, self.part_path)
         except OSError as exc:
             self.abort()

@@ -55,7 +55,10 @@ def run_job(source: Path, options: ExportOptions, steps: JobSteps = JobSteps(),
     """
     notify = on_step or (lambda name, result: None)
     progress = not options.quiet
-    report = export(source, options)
+    from .publish.split import parse_size
+
+    split_limit = parse_size(steps.split_max_size) if steps.split_max_size else None
+    report = export(source, options, split_limit)
     result = JobResult(report=report)
     if steps.split_max_size:
         result.splits = split_large_files(report.files, steps.split_max_size, progress=progress)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import OutputError
+from .signals import signals_deferred
 
 PART_SUFFIX = ".part"
 # What shortquant writes under a temporary name and locks while writing: GGUF files and split parts.
@@ -34,7 +35,11 @@ class PartLock:
 
     @classmethod
     def acquire(cls, path: Path) -> "PartLock":
-        """Lock ``path`` for writing; OutputError when another process is writing it."""
+        """Lock ``path`` for writing; OutputError when another process is writing it.
+
+        A caller that removes the file on failure must record the returned lock inside
+        :func:`~shortquant.signals.signals_deferred`, or a signal between this call's creating the
+        file and the caller's noting it leaves the file behind."""
         path = Path(path)
         while True:
             try:
@@ -54,6 +59,28 @@ class PartLock:
         if self.fd >= 0:
             os.close(self.fd)   # closing drops the flock
             self.fd = -1
+
+
+def write_atomic(path: Path, data: str | bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through ``<path>.part`` and a rename: readers see the old file or
+    the whole new one, and an interrupted or failed write leaves no ``.part`` behind.
+
+    >>> write_atomic(Path("out/README.md"), "# card")   # doctest: +SKIP
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + PART_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:   # Ctrl-C, SIGTERM, a full disk: nothing half-written stays
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def remove_stale_parts(folder: Path) -> list[Path]:

@@ -31,6 +31,31 @@ class Terminated(KeyboardInterrupt):
 _HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+# Inside signals_deferred(): a signal that arrives is held here and raised when the block ends.
+_defer_depth = 0
+_held: list[int] = []
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, a signal that :func:`handle_termination` turns into :class:`Terminated`
+    is held, and raised when the block ends.
+
+    For the few steps that create something and record it for clean-up (open a ``.part``, then
+    note that we own it): a signal between the two would leave the file with nobody to remove it.
+    (Blocking the signal in this thread would not do: the kernel then hands it to another thread,
+    and Python still runs its handler here.)
+    """
+    global _defer_depth
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+        if not _defer_depth and _held:
+            raise Terminated(_held.pop())
+
+
 def exit_code(exc: KeyboardInterrupt) -> int:
     """128 + the signal number, as a shell reports a process killed by it (130 for Ctrl-C)."""
     return 128 + int(getattr(exc, "signum", signal.SIGINT))
@@ -55,6 +80,9 @@ def handle_termination() -> Iterator[None]:
         if received:          # already cleaning up: let it finish
             return
         received.append(signum)
+        if _defer_depth:      # between creating a file and owning it: raised when that ends
+            _held.append(signum)
+            return
         raise Terminated(signum)
 
     previous = {}

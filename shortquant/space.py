@@ -30,3 +30,22 @@ def check_free_space(folder: Path, needed: int, force: bool = False) -> int:
                           f"({needed / 1e9:.2f} GB), {free} bytes ({free / 1e9:.2f} GB) are free "
                           f"(--force to try anyway)", folder)
     return free
+
+
+# Each split part repeats a GGUF header and its tensor infos, and is padded to the alignment;
+# generous for any model (a tensor info is under 300 bytes).
+SPLIT_PART_OVERHEAD = 1024 * 1024
+
+
+def split_reserve(sizes, split_limit: int | None) -> int:
+    """Bytes that splitting the files of ``sizes`` (over ``split_limit`` each) needs beyond them:
+    the parts of the largest such file, written before it is removed.
+
+    >>> split_reserve([3_000, 10_000], 4_000)
+    4204304
+    """
+    over = [size for size in sizes if split_limit and size > split_limit]
+    if not over:
+        return 0
+    largest = max(over)
+    return largest + (-(-largest // split_limit) + 1) * SPLIT_PART_OVERHEAD

@@ -2,13 +2,18 @@
 venv, run from an unrelated folder), `shortquant export` with no source, `--recipe` and
 `shortquant recipes` work, and `inspect` gives the demo the same plan with or without its path.
 
-The venv sees the machine's packages (torch, llama-cpp-python, ...) and gets only the wheel.
+The venv gets the wheel by ``pip install`` with its dependencies resolved offline (no index)
+against the packages of the environment running the tests (what the README's install put there,
+linked into the venv's path; the source tree's own editable shortquant left out), so a requirement
+the wheel declares and nothing satisfies fails here. That environment may itself be a venv: its
+packages, not the base interpreter's, are the ones linked.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -48,14 +53,28 @@ def venv(tmp_path_factory):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
           "-q", "-w", root / "dist", src], cwd=root, env=env)
     wheel = next((root / "dist").glob("shortquant-*.whl"))
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv"], cwd=root)
+    _run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], cwd=root)
     python = root / "venv" / "bin" / "python"
-    # The machine's pip, installing into the venv (sys.prefix); nothing outside the venv changes.
-    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", wheel],
-         cwd=root, env=env)
+    _link_running_packages(root / "deps", python)
+    # pip (one of the linked packages) installs into the venv (sys.prefix); nothing outside it changes.
+    _run([python, "-m", "pip", "install", "--no-index", "-q", wheel], cwd=root, env=env)
     work = root / "work"
     work.mkdir()
     return python, root / "venv" / "bin" / "shortquant", env, work
+
+
+def _link_running_packages(deps: Path, python: Path) -> None:
+    """Put the running environment's installed packages, except shortquant's own, on ``python``'s
+    path: each entry of its site-packages linked into ``deps``, which a ``.pth`` file adds."""
+    deps.mkdir()
+    for folder in map(Path, site.getsitepackages()):
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            if entry.name.lower().startswith(("shortquant", "__editable__")) or (deps / entry.name).exists():
+                continue
+            (deps / entry.name).symlink_to(entry)
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "running-environment.pth").write_text(f"{deps}\n")
 
 
 def test_installed_package_reads_its_own_copy(venv):

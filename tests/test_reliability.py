@@ -248,3 +248,90 @@ def test_verify_checks_structure_and_data_without_checksums(tmp_path, small_src)
     result = CliRunner().invoke(main, ["verify", str(path)])
     assert result.exit_code == 2
     one_error_line(result, 2, str(path))
+
+
+# -- the moments between creating a file and owning it ---------------------------------------------
+
+def _signal_self_after(monkeypatch, owner, attribute):
+    """Make ``owner.attribute`` (a function) send SIGTERM to this process as soon as it returns:
+    the signal then lands exactly between creating a file and the caller's recording it."""
+    import os
+
+    real = getattr(owner, attribute)
+
+    def and_then_signal(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(owner, attribute, and_then_signal)
+
+
+def test_signal_between_creating_and_owning_a_part_leaves_nothing(tmp_path, small_src, monkeypatch):
+    """The race that once left a ``.part`` under load: the writer's PartLock.acquire had created the
+    file when SIGTERM arrived, before the writer held the lock that tells it to remove the file."""
+    from shortquant.export import ExportOptions, export
+    from shortquant.signals import Terminated, handle_termination
+
+    _signal_self_after(monkeypatch, PartLock, "acquire")
+    out = tmp_path / "out"
+    with pytest.raises(Terminated), handle_termination():
+        export(small_src, ExportOptions(quants=("q8_0",), out_dir=out, quiet=True))
+    assert leftovers(out) == []
+
+
+def test_signal_between_creating_and_owning_split_parts_leaves_nothing(tmp_path, small_src, monkeypatch):
+    from shortquant.publish.split import split_gguf
+    from shortquant.signals import Terminated, handle_termination
+
+    out = tmp_path / "out"
+    assert export_cli(small_src, out, "-q", "f16").exit_code == 0
+    (path,) = out.glob("*.gguf")
+    _signal_self_after(monkeypatch, PartLock, "acquire")
+    with pytest.raises(Terminated), handle_termination():
+        split_gguf(path, 1_000_000, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [path.name]
+
+
+def test_interrupted_card_leaves_no_part(tmp_path, small_src, monkeypatch):
+    """A signal while README.md is being written: the old card stays whole, no README.md.part."""
+    import shortquant.partfiles as partfiles
+
+    out = tmp_path / "out"
+    assert export_cli(small_src, out, "-q", "q8_0", "--card").exit_code == 0
+    card = (out / "README.md").read_text()
+    monkeypatch.setattr(partfiles, "open", open, raising=False)   # the builtin, seen as the module's own
+    _signal_self_after(monkeypatch, partfiles, "open")   # the .part is created, not yet written
+    result = CliRunner().invoke(main, ["card", str(out)])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("README")) == ["README.md"]
+    assert (out / "README.md").read_text() == card
+
+
+def test_free_space_check_counts_the_split_parts(tmp_path, small_src, monkeypatch):
+    """``--split-max-size`` writes each large file's parts beside it before removing it: the check
+    needs room for the largest such file twice, and refuses up front when that is missing."""
+    import shortquant.space as space
+
+    out = tmp_path / "out"
+    assert export_cli(small_src, out / "measure", "-q", "f16", "-q", "q8_0").exit_code == 0
+    sizes = sorted(p.stat().st_size for p in (out / "measure").glob("*.gguf"))
+    files_only = sum(sizes)
+    limit = sizes[0]                               # the q8_0 file fits: only the f16 file is split
+    with_parts = files_only + space.split_reserve(sizes, limit)
+    assert with_parts >= files_only + sizes[-1]
+
+    # Room for the files alone is not enough once they are to be split.
+    monkeypatch.setattr(space, "free_bytes", lambda folder: files_only)
+    args = ["-q", "f16", "-q", "q8_0", "--split-max-size", str(limit)]
+    result = export_cli(small_src, out / "split", *args)
+    assert result.exit_code == 2
+    one_error_line(result, 2, "not enough free space", f"need {with_parts} bytes")
+    assert leftovers(out / "split") == []
+    # With room for the parts too, it runs and splits.
+    monkeypatch.setattr(space, "free_bytes", lambda folder: with_parts)
+    result = export_cli(small_src, out / "split", *args)
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (out / "split").iterdir())
+    assert len(names) >= 3 and all("-of-0000" in n for n in names if "F16" in n), names

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OutputError
+from ..partfiles import write_atomic
 from .jobsfile import Catalogue
 from .steps import ModelOutcome, RunSettings
 
@@ -122,8 +123,5 @@ def write_summary(report: BatchReport, catalogue: Catalogue, out_root: Path) -> 
     written = []
     for name, text in ((SUMMARY_MD, markdown_summary(data)), (SUMMARY_JSON, json.dumps(data, indent=2) + "\n")):
         target = out_root / name
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-        written.append(target)
+        written.append(write_atomic(target, text))
     return written[0], written[1]

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from ..partfiles import write_atomic
 
 STATE_FILE = ".shortquant-batch.json"
 FORMAT = 1
@@ -70,12 +71,7 @@ class ModelState:
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / STATE_FILE
-        tmp = target.with_name(target.name + ".part")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps(self.data, indent=1, sort_keys=True), fsync=True)
 
     # -- files of the ladder ---------------------------------------------------------------
     def finished_file(self, quant: str, expected: str) -> dict | None:

@@ -92,13 +92,15 @@ def export_step(job: ModelJob, out_root: str | Path, settings: RunSettings, log:
 def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome, log) -> None:
     from ..export import export
     from ..job import split_large_files
+    from ..publish.split import parse_size
 
     for quant in todo:            # a record that no longer holds is dropped before the redo
         state.forget_file(quant)
     state.data.setdefault("skipped", {})
     source, options = export_options(job, folder, job.quants if whole_ladder else tuple(todo), settings)
     _say(outcome, log, f"exporting {', '.join(todo)}")
-    report = export(source, options)
+    split_limit = parse_size(job.split_max_size) if job.split_max_size else None
+    report = export(source, options, split_limit)
     splits = split_large_files(report.files, job.split_max_size, progress=False) if job.split_max_size else {}
     for f in report.files:
         paths = splits.get(f.path, [f.path])

@@ -29,6 +29,7 @@ import subprocess
 from pathlib import Path
 
 from shortquant.errors import EvalError
+from shortquant.partfiles import write_atomic
 
 FILE_KEYS = ("file", "path", "type", "bytes", "n_params", "bpw", "ppl", "ppl_err", "kld", "speed")
 
@@ -90,10 +91,7 @@ def write_results(data: dict, path: str | Path) -> Path:
     """Write results.json atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_results(path: str | Path) -> dict:

@@ -23,6 +23,7 @@ import gguf
 
 from shortquant import keys
 from shortquant.errors import PublishError
+from shortquant.partfiles import write_atomic
 from shortquant.publish.modelfile import modelfile_name, template_family
 from shortquant.publish.split import parse_split_name, split_parts
 from shortquant.recipes import Recipe, RecipeError, load_recipe
@@ -651,7 +652,4 @@ def write_card(outdir: str | Path, recipe: Recipe | str | None = None, results: 
 
     text = _front_matter(meta) + "\n" + "\n".join(body)
     target = outdir / "README.md"
-    tmp = target.with_name(target.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return write_atomic(target, text)

@@ -180,13 +180,15 @@ def split_gguf(path: str | Path, max_size: str | int, *, outdir: str | Path | No
         return [path]
 
     from shortquant.partfiles import PartLock
+    from shortquant.signals import signals_deferred
 
     total = sum(p.data_bytes for p in parts)
     temp = [p.path.with_name(p.path.name + ".part") for p in parts]
     locks = []   # held while writing: another run's stale-file sweep leaves these alone
     try:
         for tmp in temp:
-            locks.append(PartLock.acquire(tmp))
+            with signals_deferred():   # created and owned at once: see PartLock.acquire
+                locks.append(PartLock.acquire(tmp))
         from tqdm import tqdm
 
         with open(path, "rb") as src, tqdm(total=total, unit="B", unit_scale=True,
