@@ -333,6 +333,27 @@ def test_killed_run_resumes(tmp_path, demo, signum, workers):
     assert gguf_bytes(out / "third") == gguf_bytes(reference)
 
 
+def test_ctrl_c_in_a_terminal_stops_the_pool_cleanly(tmp_path, demo):
+    """Ctrl-C reaches the whole process group: the workers leave the stopping to the main process
+    (one SIGTERM each), so each cleans up once, without a traceback, and no ``.part`` is left."""
+    jobs = _demo_catalogue(tmp_path, demo)
+    out = tmp_path / "out"
+    code = "import sys; from shortquant.cli import main; sys.argv[0] = 'shortquant'; main()"
+    process = subprocess.Popen([sys.executable, "-c", code, "batch", str(jobs), "--out", str(out), "--jobs", "2",
+                                "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len({p.parent for p in out.rglob("*.gguf.part")}) < 2:     # both workers busy exporting
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "interrupted (SIGINT); no partial files were left behind" in stderr
+    assert not list(out.rglob("*.part"))
+
+
 def test_ray_mode_without_ray_installed_is_one_line(tmp_path, demo, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)       # as if Ray were not installed
     jobs = write_jobs(tmp_path / "jobs.yaml", f"models:\n  - source: {demo}\n")

@@ -117,7 +117,14 @@ def _pool_job(job: ModelJob, out_root: str, settings: RunSettings, events) -> Mo
 
 def _worker_init() -> None:
     """SIGTERM in a worker cleans up like Ctrl-C (the export aborts and removes its .part
-    files), then the worker exits; an idle worker exits at once."""
+    files), then the worker exits; an idle worker exits at once.
+
+    Ctrl-C in a terminal (SIGINT) and a closed terminal (SIGHUP) reach the whole process group:
+    workers ignore them and wait for the main process, which stops each with one SIGTERM (a
+    second interruption in the middle of a worker's clean-up would cut the clean-up short)."""
+    for name in ("SIGINT", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
     def interrupt(signum, frame):
         if not _in_job:
             os._exit(128 + signum)
