@@ -33,12 +33,14 @@ sys.path.insert(0, str(REPO))
 DEFAULT_CALIB = REPO.parent / "shared" / "fixtures" / "calibration-text.txt"
 
 
-def make_imatrix(model: Path, calib: Path, out: Path, ctx: int, stored_blocks, chunks: int) -> Path:
+def make_imatrix(model: Path, calib: Path, out: Path, ctx: int, chunks: int) -> Path:
+    """What ``shortquant imatrix MODEL`` computes (the same model, the same tokens)."""
+    from shortquant.families.hf_model import load_torch_model
     from shortquant.quant.imatrix import compute_imatrix, write_imatrix
-    from shortquant.quant.probe import calibration_tokens, load_probe_model
+    from shortquant.tokenizer.encode import encode_text
 
-    tokens, bos = calibration_tokens(model, calib.read_text(encoding="utf-8"))
-    im = compute_imatrix(load_probe_model(model, stored_blocks), tokens, ctx=ctx, chunks=chunks, bos_id=bos,
+    tokens, bos = encode_text(model, calib.read_text(encoding="utf-8"))
+    im = compute_imatrix(load_torch_model(model), tokens, ctx=ctx, chunks=chunks, bos_id=bos,
                          dataset=calib.name, progress=False)
     write_imatrix(out, im)
     return out
@@ -93,12 +95,7 @@ def make_files(args, quants, recipe) -> dict:
     from shortquant.quant.optimize import OptimizeRequest
 
     out = args.out_dir
-    from shortquant.export import ExportOptions, make_model_plan
-    from shortquant.source.checkpoint import open_checkpoint
-
-    stored = make_model_plan(open_checkpoint(args.model), ExportOptions(recipe=recipe)).block_map.stored
-    imatrix = make_imatrix(args.model, args.calib, out / "model.imatrix.gguf", args.calib_ctx, stored,
-                           args.imatrix_chunks)
+    imatrix = make_imatrix(args.model, args.calib, out / "model.imatrix.gguf", args.calib_ctx, args.imatrix_chunks)
     base_report = None
     if not args.cost_only:
         base_report, _ = export(args.model, out / "base", ["f32"], imatrix, threads=args.threads, recipe=recipe)

@@ -170,14 +170,15 @@ def test_card_summarises_block_shapes(exported):
 def test_imatrix_from_the_hf_folder_matches_llama_cpp(exported, layout):
     """The torch imatrix of the checkpoint folder (built with each block's own modules, see
     shortquant/families/hf_model.py) has llama.cpp's numbers on our deci file."""
-    from shortquant.quant.commands import _load_model
+    from shortquant.families.hf_model import load_torch_model
     from shortquant.quant.imatrix import compute_imatrix
     from shortquant.quant.imatrix_llama import compute_imatrix_gguf, gguf_tokens
 
     _, out = exported
     model, src, files = out[layout]
-    hf = _load_model(src)
-    assert np.abs(hf_logits(hf, TOKENS) - hf_logits(model, TOKENS)).max() == 0
+    hf = load_torch_model(src)
+    # the same weights; only the attention kernel differs (transformers' sdpa here, eager in pruned.py)
+    assert np.abs(hf_logits(hf, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-5
     tokens = gguf_tokens(files["f32"], EVAL_TEXT.read_text(encoding="utf-8")[:4000])
     theirs = compute_imatrix_gguf(files["f32"], tokens, ctx=32, chunks=2, threads=2, progress=False)
     ours = compute_imatrix(hf, tokens.tolist(), ctx=32, chunks=2, bos_id=1, progress=False)

@@ -188,7 +188,8 @@ def test_probe_swaps_back_exactly(tiny, texts, tmp_path, layout):
     from checkpoints import edit_config, rename_layers
     from shortquant.export import ExportOptions, Piece, load_piece, make_model_plan
     from shortquant.quant.imatrix import chunk_tokens
-    from shortquant.quant.probe import Prober, calibration_tokens, hf_name
+    from shortquant.quant.probe import Prober, hf_name
+    from shortquant.tokenizer.encode import encode_text
     from shortquant.source.checkpoint import open_checkpoint
     from shortquant.transforms import undo_transform
 
@@ -199,7 +200,7 @@ def test_probe_swaps_back_exactly(tiny, texts, tmp_path, layout):
         edit_config(src, num_hidden_layers=4)
     checkpoint = open_checkpoint(src)
     plan = make_model_plan(checkpoint, ExportOptions())
-    tokens, bos = calibration_tokens(src, texts[0].read_text())
+    tokens, bos = encode_text(src, texts[0].read_text())
     chunks = chunk_tokens(tokens, ctx=64, chunks=2, bos_id=bos)
     prober = Prober(src, chunks, stored_blocks=plan.block_map.stored)
     assert len(prober.model.model.layers) == 3
@@ -231,9 +232,10 @@ def _probe_both_ways(prober, source: str, value: np.ndarray, block: int | None) 
 def test_probe_reruns_only_the_blocks_after_the_change(tiny, texts):
     """A probe that starts at the changed block measures what a whole forward pass measures."""
     from shortquant.quant.imatrix import chunk_tokens
-    from shortquant.quant.probe import Prober, calibration_tokens
+    from shortquant.quant.probe import Prober
+    from shortquant.tokenizer.encode import encode_text
 
-    tokens, bos = calibration_tokens(tiny, texts[0].read_text())
+    tokens, bos = encode_text(tiny, texts[0].read_text())
     chunks = chunk_tokens(tokens, ctx=64, chunks=3, bos_id=bos)
     prober = Prober(tiny, chunks, probe_chunks=2)
     assert prober.replay and len(prober.block_inputs[0]) == 2

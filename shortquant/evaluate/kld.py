@@ -305,19 +305,15 @@ def hf_logits(model_dir: str | Path, chunks):
         for logits in hf_logits("path/to/hf-model", [[1, 403, 407, 261]]):
             print(logits.shape)
     """
+    from ..families.hf_model import load_torch_model
+
+    model = load_torch_model(Path(model_dir))   # the blocks export finds, loaded strictly (errors now)
+    return _forward_chunks(model, chunks)
+
+
+def _forward_chunks(model, chunks):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from ..families.hf_model import load_per_block_model
-
-    try:
-        model = load_per_block_model(Path(model_dir))   # width-pruned, sub-blocks removed, DeciLM
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EvalError(f"cannot load the Hugging Face base: {reason}", model_dir)
-    model.eval()
     with torch.inference_mode():
         for chunk in chunks:
             ids = torch.as_tensor(np.asarray(chunk, dtype=np.int64))[None, :]

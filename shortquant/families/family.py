@@ -75,6 +75,8 @@ class Family:
     per_layer_arch: gguf.MODEL_ARCH | None = None
     # check_block_shapes(config, hp, shapes, stored, folder): the config's own account of the shapes
     check_block_shapes: Callable | None = None
+    # the transformers class that runs the checkpoint (hf_model.py sets each block's own shapes on it)
+    torch_model: str = "LlamaForCausalLM"
     block_prefix: str = "model.layers"
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"

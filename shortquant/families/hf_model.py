@@ -1,11 +1,18 @@
-"""A transformers model whose modules carry each block's own shapes, for the jobs that run the
-Hugging Face model (imatrix, eval's KLD base, optimize's probing).
+"""THE torch model of a checkpoint, for every job that runs the Hugging Face model: ``imatrix
+FOLDER``, ``eval --base FOLDER`` and ``export --optimize``'s probes.
 
-``from_pretrained`` cannot load a width-pruned checkpoint (its config is stale: every
-``q_proj`` / ``gate_proj`` has another size than the config says), one with removed sub-blocks,
-or a DeciLM (remote code). Here a ``LlamaForCausalLM`` is built from the config and each block's
-modules are resized, removed or replaced (DeciLM's linear attention) as the tensors say, then the
-weights are loaded strictly: every tensor used, every module filled.
+``from_pretrained`` trusts config.json. A pruned checkpoint saved with gaps in its block indices,
+a stale ``num_hidden_layers`` or stale widths gets blocks of random weights ("newly initialized")
+and the job carries on, measuring another model than the one exported. Here the model is built
+from the same reading export plans from (``layout.read_layout``): the family's transformers class
+(``Family.torch_model``) with as many blocks as the tensors hold, made on the meta device, each
+block's projections sized as its own tensors say, a removed attention / MLP replaced by a module
+that adds nothing, DeciLM's linear attention as its one projection. Then every weight is assigned
+strictly: a parameter without a tensor or a tensor without a parameter is a one-line WeightError
+naming the folder, the block and the tensor. Nothing is ever initialised at random.
+
+    >>> model = load_torch_model(Path("models/demo"))          # doctest: +SKIP
+    >>> model(input_ids=torch.tensor([[1, 403, 407]])).logits   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,100 +20,157 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from shortquant.errors import SourceError, WeightError
 
-def per_block_shapes(model_dir: Path):
-    """(shapes, stored block indices, hp) when the checkpoint's blocks are not what its config
-    describes (then ``from_pretrained`` cannot load it); None otherwise."""
-    from shortquant.layers import group_block_tensors
+# config.json keys that describe the checkpoint's file rather than the model transformers builds
+NOT_MODEL_KEYS = ("architectures", "auto_map", "model_type", "block_configs", "drop_attn_list", "drop_mlp_list",
+                  "transformers_version")
+# config.json keys holding one value per block: they follow the kept blocks
+PER_BLOCK_KEYS = ("layer_types",)
+
+
+def load_torch_model(model_dir: Path, dtype=None):
+    """The checkpoint as a transformers model in eval mode (``dtype``: float32 by default), blocks
+    numbered ``0..N-1`` in stored order (:func:`torch_name` maps a tensor name onto it).
+
+    Raises a ShortquantError (exit 2) for a checkpoint export would refuse and for any weight the
+    model lacks or leaves unused.
+    """
+    import torch
+
     from shortquant.source.checkpoint import open_checkpoint
 
-    from . import find_family
-    from .shapes import read_block_shapes, uniform
+    from .layout import read_layout
 
-    checkpoint = open_checkpoint(Path(model_dir))
-    family = find_family(checkpoint)
-    if family.per_layer_arch is None:
-        return None
-    hp = family.hparams(checkpoint.config, checkpoint.folder / "config.json")
-    blocks, _ = group_block_tensors(checkpoint.tensors, family.block_prefix)
-    stored = sorted(blocks)
-    shapes = read_block_shapes(blocks, stored, checkpoint.tensors, hp, checkpoint.config, checkpoint.folder)
-    first = shapes[0]
-    if (uniform(shapes) and (first.n_head, first.n_head_kv, first.n_ff) == (hp["n_head"], hp["n_head_kv"], hp["n_ff"])
-            and "block_configs" not in checkpoint.config):
-        return None
-    return shapes, stored, hp, checkpoint
-
-
-def load_per_block_model(model_dir: Path, dtype=None):
-    """The model with per-block shapes, or None when ``from_pretrained`` can load it as it is."""
-    found = per_block_shapes(model_dir)
-    if found is None:
-        return None
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shapes, stored, hp, checkpoint = found
-    config = {k: v for k, v in checkpoint.config.items() if k not in ("block_configs", "architectures", "model_type",
-                                                                       "auto_map", "drop_attn_list", "drop_mlp_list")}
-    config.update(num_hidden_layers=len(shapes), num_attention_heads=hp["n_head"], head_dim=hp["head_dim"],
-                  num_key_value_heads=hp["n_head_kv"], intermediate_size=max(s.n_ff for s in shapes) or 1,
-                  attention_bias=False, mlp_bias=False)
-    cfg = LlamaConfig(**config)
-    cfg._attn_implementation = "eager"
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    for layer, shape, index in zip(model.model.layers, shapes, stored):
-        biases = {part for part, name in (("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"),
-                                          ("up", "mlp.up_proj"), ("down", "mlp.down_proj"))
-                  if f"model.layers.{index}.{name}.bias" in checkpoint.tensors}
-        reshape_block(layer, shape, hp, biases)
-    state = {}
-    for name, ref in checkpoint.tensors.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        state[renumber(name, stored)] = torch.from_numpy(ref.load())
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)   # buffers were on meta
-    return model.to(dtype or torch.float32).eval()
+    dtype = dtype or torch.float32
+    layout = read_layout(open_checkpoint(Path(model_dir)))
+    folder = layout.checkpoint.folder
+    try:
+        config = torch_config(layout)
+        with torch.device("meta"):
+            model = model_class(layout.family)(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SourceError(f"transformers cannot build the {layout.family.torch_model}: {_first_line(exc)}",
+                          folder) from None
+    for layer, index, shape in zip(model.get_submodule(layout.family.block_prefix), layout.stored, layout.shapes):
+        reshape_block(layer, shape, layout.hp, set(layout.blocks[index]))
+    assign_weights(model, layout, dtype)
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):   # its frequencies are computed, not stored: make them for real
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, type(module)(config=config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise AssertionError(f"{folder}: torch model left {left[0]} uninitialised")
+    return model.to(dtype).eval()
 
 
-def renumber(name: str, stored) -> str:
-    prefix = "model.layers."
-    if not name.startswith(prefix):
-        return name
-    index, rest = name[len(prefix):].split(".", 1)
-    return f"{prefix}{list(stored).index(int(index))}.{rest}"
+def model_class(family):
+    import transformers
+
+    return getattr(transformers, family.torch_model)
 
 
-def reshape_block(layer, shape, hp, biases=frozenset()) -> None:
-    """Give one decoder layer the modules its tensors describe (``biases``: which of o, gate, up,
-    down have one)."""
+def torch_config(layout):
+    """The transformers config of the model the tensors hold: their block count, head size,
+    vocabulary and (where the blocks are alike) head counts and FFN width; tied when no head."""
+    hp, shapes, stored = layout.hp, layout.shapes, layout.stored
+    config = {k: v for k, v in layout.checkpoint.config.items() if k not in NOT_MODEL_KEYS}
+    for key in PER_BLOCK_KEYS:
+        values = config.get(key)
+        if isinstance(values, list) and len(values) != len(stored):
+            if len(values) > stored[-1]:
+                config[key] = [values[i] for i in stored]
+            else:
+                del config[key]   # neither the stored blocks nor the original ones: transformers' default
+    full = [s for s in shapes if s.n_head and s.n_head_kv]
+    heads = (full[0].n_head, full[0].n_head_kv) if full else (hp["n_head"], hp["n_head_kv"])
+    config.update(num_hidden_layers=len(shapes), hidden_size=hp["n_embd"], head_dim=hp["head_dim"],
+                  num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                  intermediate_size=max(s.n_ff for s in shapes) or 1, vocab_size=hp["vocab_size"],
+                  tie_word_embeddings=layout.tied)
+    return model_class(layout.family).config_class.from_dict(config)
+
+
+def reshape_block(layer, shape, hp, present) -> None:
+    """Give one decoder layer the modules its tensors describe (``present``: its tensor suffixes;
+    a projection has a bias exactly when the checkpoint stores one)."""
     import torch
     from torch import nn
 
     NoAttention, NoMLP, LinearAttention = _modules()
-
     d, head_dim = hp["n_embd"], hp["head_dim"]
-    attn, mlp = layer.self_attn, layer.mlp
+
+    def linear(part, name, n_in, n_out):
+        return nn.Linear(n_in, n_out, bias=f"{part}.{name}.bias" in present)
+
     with torch.device("meta"):
         if not shape.n_head:
             layer.self_attn, layer.input_layernorm = NoAttention(), nn.Identity()
         elif not shape.n_head_kv:
             layer.self_attn = LinearAttention(d)
         else:
-            q, kv = shape.n_head * head_dim, shape.n_head_kv * head_dim
-            attn.q_proj, attn.k_proj = nn.Linear(d, q, bias=False), nn.Linear(d, kv, bias=False)
-            attn.v_proj, attn.o_proj = nn.Linear(d, kv, bias=False), nn.Linear(q, d, bias="o" in biases)
+            attn, q, kv = layer.self_attn, shape.n_head * head_dim, shape.n_head_kv * head_dim
+            for name, n_in, n_out in (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)):
+                setattr(attn, name, linear("self_attn", name, n_in, n_out))
             attn.num_key_value_groups = shape.n_head // shape.n_head_kv
         if not shape.n_ff:
             layer.mlp, layer.post_attention_layernorm = NoMLP(), nn.Identity()
         else:
-            mlp.gate_proj = nn.Linear(d, shape.n_ff, bias="gate" in biases)
-            mlp.up_proj = nn.Linear(d, shape.n_ff, bias="up" in biases)
-            mlp.down_proj = nn.Linear(shape.n_ff, d, bias="down" in biases)
+            for name, n_in, n_out in (("gate_proj", d, shape.n_ff), ("up_proj", d, shape.n_ff),
+                                      ("down_proj", shape.n_ff, d)):
+                setattr(layer.mlp, name, linear("mlp", name, n_in, n_out))
+
+
+def torch_name(name: str, stored, prefix: str = "model.layers") -> str:
+    """The model's parameter name of checkpoint tensor ``name`` (block ``stored[n]`` is block ``n``).
+
+    >>> torch_name("model.layers.4.mlp.up_proj.weight", (0, 1, 4))
+    'model.layers.2.mlp.up_proj.weight'
+    """
+    if not name.startswith(prefix + "."):
+        return name
+    index, rest = name[len(prefix) + 1:].split(".", 1)
+    return f"{prefix}.{list(stored).index(int(index))}.{rest}"
+
+
+def assign_weights(model, layout, dtype) -> None:
+    """Every parameter from its checkpoint tensor, every used tensor to a parameter, shapes equal."""
+    import torch
+
+    family, checkpoint, stored = layout.family, layout.checkpoint, layout.stored
+    prefix, folder = family.block_prefix, checkpoint.folder
+    unused = layout.unused()
+    sources = {torch_name(n, stored, prefix): n for n in checkpoint.tensors if n not in unused}
+    wanted = dict(model.state_dict(keep_vars=True))
+    if layout.tied:
+        wanted.pop(family.lm_head, None)   # the embedding, tied below
+
+    def where(torch_key: str) -> str:
+        if torch_key.startswith(prefix + "."):
+            n, rest = torch_key[len(prefix) + 1:].split(".", 1)
+            return f"block {stored[int(n)]}: tensor {rest!r}"
+        return f"tensor {torch_key!r}"
+
+    for key in wanted:
+        if key not in sources:
+            raise WeightError(f"{where(key)} is missing; the {family.torch_model} needs it", folder)
+    for key, name in sources.items():
+        if key not in wanted:
+            raise WeightError(f"{where(key)} is left over: the {family.torch_model} has no place for it", folder)
+        ref = checkpoint.tensors[name]
+        if tuple(ref.shape) != tuple(wanted[key].shape):
+            raise WeightError(f"{where(key)} has shape {list(ref.shape)} but the {family.torch_model} needs "
+                              f"{list(wanted[key].shape)}", folder)
+    state = {key: torch.from_numpy(checkpoint.tensors[name].load()).to(dtype) for key, name in sources.items()}
+    model.load_state_dict(state, strict=not layout.tied, assign=True)
+    if layout.tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @functools.cache
@@ -121,6 +185,8 @@ def _modules():
             return torch.zeros_like(hidden_states), None
 
     class NoMLP(nn.Module):
+        """A removed MLP: adds nothing."""
+
         def forward(self, hidden_states):
             return torch.zeros_like(hidden_states)
 
@@ -135,22 +201,3 @@ def _modules():
             return self.linear_attn(hidden_states), None
 
     return NoAttention, NoMLP, LinearAttention
-
-
-def load_torch_model(model_dir: Path, dtype=None):
-    """The checkpoint as a transformers model (eval mode, blocks renumbered ``0..N-1`` in stored
-    order), the one torch model every job that runs the Hugging Face model uses.
-
-    Interim body: the per-block builder or the probe's renumbering loader; issue 20 replaces it
-    with one strict builder from the block map.
-    """
-    from shortquant.layers import group_block_tensors
-    from shortquant.quant.probe import load_probe_model
-    from shortquant.source.checkpoint import open_checkpoint
-
-    from . import find_family
-
-    checkpoint = open_checkpoint(Path(model_dir))
-    blocks, _ = group_block_tensors(checkpoint.tensors, find_family(checkpoint).block_prefix)
-    model = load_probe_model(Path(model_dir), sorted(blocks))
-    return model if dtype is None else model.to(dtype)

@@ -14,14 +14,14 @@ from gguf import MODEL_TENSOR, GGUFValueType, Keys
 
 from shortquant import __version__, keys
 from shortquant.errors import WeightError
-from shortquant.layers import check_block_tensors, group_block_tensors, make_block_map
 from shortquant.naming import make_naming
 from shortquant.plan import BlockShape, MetaItem, ModelPlan, TensorPlan, Transform
 
 from . import deci
 from .family import Family
 from .hparams import hparam_metadata
-from .shapes import LINEAR_ATTN, read_block_shapes, uniform, why_per_layer
+from .layout import read_layout, sub_block
+from .shapes import LINEAR_ATTN, uniform, why_per_layer
 
 
 def gguf_name(kind: MODEL_TENSOR, block: int | None = None, suffix: str = "weight") -> str:
@@ -32,40 +32,11 @@ def gguf_name(kind: MODEL_TENSOR, block: int | None = None, suffix: str = "weigh
 
 def plan_model(family: Family, checkpoint, options) -> ModelPlan:
     """Plan the GGUF for ``checkpoint`` as ``family`` (no weights read)."""
-    config_path = checkpoint.folder / "config.json"
-    hp = family.hparams(checkpoint.config, config_path)
-
-    blocks, others = group_block_tensors(checkpoint.tensors, family.block_prefix)
+    layout = read_layout(checkpoint, family, source_blocks=options.source_blocks, recipe=options.recipe)
+    recipe, hp, blocks, block_map, shapes = options.recipe, dict(layout.hp), layout.blocks, layout.block_map, \
+        layout.shapes
     table = {**family.block_tensors, **family.optional_block_tensors}
-    check_block_tensors(blocks, [], list(table) + list(family.ignored_block_tensors))
-    recipe = options.recipe
-    block_map = make_block_map(
-        list(blocks), checkpoint.config.get("num_hidden_layers"),
-        source_blocks=options.source_blocks,
-        recipe_kept=recipe.kept_blocks if recipe else None,
-        recipe_source_count=recipe.pruning.source_block_count if recipe else None,
-        recipe_name=recipe.name if recipe else None)
-
-    embed, final_norm, lm_head = family.embed, family.final_norm, family.lm_head
-    missing = [n for n in (embed, final_norm) if n not in checkpoint.tensors]
-    if missing:
-        raise WeightError(f"missing tensor {missing[0]!r}", checkpoint.folder)
-    unexpected = [n for n in others if n not in (embed, final_norm, lm_head)]
-    if unexpected:
-        raise WeightError(f"unexpected tensor {unexpected[0]!r} for a {family.name} checkpoint", checkpoint.folder)
-
-    vocab = checkpoint.tensors[embed].shape[0]
-    hp["vocab_size"] = vocab
-    if checkpoint.config.get("vocab_size") not in (None, vocab):
-        raise WeightError(f"{embed} has {vocab} rows but config.json says vocab_size="
-                          f"{checkpoint.config['vocab_size']}", checkpoint.folder)
-    hp["n_layer"] = block_map.block_count
-
-    # each block's shapes from its tensors; the family's arch when all are alike, else per-layer (deci)
-    shapes = read_block_shapes(blocks, block_map.stored, checkpoint.tensors, hp, checkpoint.config,
-                               checkpoint.folder)
-    if family.check_block_shapes is not None:
-        family.check_block_shapes(checkpoint.config, hp, shapes, block_map.stored, checkpoint.folder)
+    embed, final_norm, lm_head, vocab = family.embed, family.final_norm, family.lm_head, hp["vocab_size"]
     warnings = list(block_map.warnings)
     # FFN padding: None (default) pads the widths pruning changed (not config.json's) to 256
     pad = getattr(options, "pad_ffn", None)
@@ -99,8 +70,6 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
     tensors.append(read(MODEL_TENSOR.OUTPUT_NORM, final_norm))
     if lm_head in checkpoint.tensors:
         tensors.append(read(MODEL_TENSOR.OUTPUT, lm_head))
-    elif not checkpoint.config.get("tie_word_embeddings", False):
-        raise WeightError(f"missing tensor {lm_head!r} (and tie_word_embeddings is false)", checkpoint.folder)
     check_shapes(tensors, hp, padded(shapes, pad, pad_unless), checkpoint.folder)
     check_known_to_arch(tensors, family, arch)
 
@@ -121,11 +90,6 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
                      arch_reason=arch_reason)
 
 
-def sub_block(suffix: str) -> str:
-    """Which half of a block a tensor belongs to: "attn" or "mlp"."""
-    return "attn" if suffix.startswith(("self_attn.", "input_layernorm")) else "mlp"
-
-
 def block_tensors(family: Family, table, present: dict[str, str], n: int, shape: BlockShape, hp: dict, read,
                   per_layer: bool, folder, ffn_width: int) -> list[TensorPlan]:
     """One block's tensors in the table's order; absent sub-blocks get deci's stand-ins when needed;
@@ -143,9 +107,7 @@ def block_tensors(family: Family, table, present: dict[str, str], n: int, shape:
             if sub_block(suffix) != part:
                 continue
             if suffix not in present:
-                if suffix in family.block_tensors and not (shape.n_head_kv == 0 and part == "attn"):
-                    raise WeightError(f"blk.{n} is missing tensor {suffix!r}", folder)
-                continue
+                continue   # optional, or linear attention (read_layout checked the rest)
             heads = {Transform.PERMUTE_Q: shape.n_head, Transform.PERMUTE_K: shape.n_head_kv}.get(transform)
             t = read(kind, present[suffix], n, transform, heads)
             if part == "mlp" and ffn_width != shape.n_ff:

@@ -22,4 +22,5 @@ FAMILY = Family(
     }),
     hparams=lambda config, path: llama_style_hparams(config, path, allow_bias=True),
     extra_metadata=lambda hp, config, key: rope_scaling_metadata(config, key),
+    torch_model="Qwen2ForCausalLM",
 )

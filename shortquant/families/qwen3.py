@@ -21,4 +21,5 @@ FAMILY = Family(
     }),
     hparams=llama_style_hparams,
     extra_metadata=lambda hp, config, key: rope_scaling_metadata(config, key),
+    torch_model="Qwen3ForCausalLM",
 )

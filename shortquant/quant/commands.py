@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ShortquantError, SourceError, TokenizerError
+from ..errors import ShortquantError, SourceError
 
 
 @click.command("imatrix")
@@ -38,8 +38,10 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
                    callback): the faster and leaner choice whenever llama.cpp loads the model.
                    Use the F16 (or BF16/F32) export of the same checkpoint: the entries carry
                    the GGUF's tensor names, which are the names every quantized export has.
-      MODEL/       a Hugging Face folder, run with torch (bf16 models stay bf16): for
-                   checkpoints llama.cpp cannot load, or before any GGUF exists.
+      MODEL/       a Hugging Face folder, run with torch in float32 (4 bytes per weight), built
+                   from the blocks export finds (gaps, stale configs, per-block shapes) and
+                   tokenized as the export's llama.cpp tokenizes: for checkpoints llama.cpp
+                   cannot load, or before any GGUF exists.
 
     \b
     Examples:
@@ -53,15 +55,12 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
         return
     import torch
 
+    from ..families.hf_model import load_torch_model
+    from ..tokenizer.encode import encode_text
     from .imatrix import compute_imatrix
 
     if not model_dir.is_dir():
         raise SourceError("not a model folder", model_dir)
-    from ..tokenizer import tokenizer_kind
-
-    if tokenizer_kind(model_dir) is None:
-        raise TokenizerError("no tokenizer.model (sentencepiece) or tokenizer.json (BPE) in the model folder",
-                             model_dir)
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -70,8 +69,8 @@ def imatrix_command(model_dir: Path, text_file: Path, output: Path | None, ctx: 
     if threads:
         torch.set_num_threads(threads)
 
-    tokens, bos_id = _tokenize(model_dir, text)
-    model = _load_model(model_dir)
+    tokens, bos_id = encode_text(model_dir, text)
+    model = load_torch_model(model_dir)   # float32: llama.cpp's activations are float32 too
     result = compute_imatrix(model, tokens, ctx=ctx, chunks=chunks, bos_id=bos_id,
                              dataset=text_file.name, progress=not (quiet or as_json))
     _write_and_report(output, result, ctx, len(tokens), quiet, as_json)
@@ -89,33 +88,6 @@ def _write_and_report(output: Path, result, ctx: int, n_tokens: int, quiet: bool
     elif not quiet:
         click.echo(f"wrote {summary['entries']} entries from {summary['chunks']} chunks of {ctx} tokens "
                    f"to {output}")
-
-
-def _tokenize(model_dir: Path, text: str) -> tuple[list[int], int | None]:
-    """Token ids as llama.cpp tokenizes a prompt: BOS first (when the tokenizer adds one)."""
-    from ..tokenizer.encode import encode_text
-
-    return encode_text(model_dir, text)
-
-
-def _load_model(model_dir: Path):
-    """The model in bf16 when it is stored in bf16 (no float32 copy), else in float32
-    (float16 matmuls on CPU are slow and round more than llama.cpp's float32 activations)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..families.hf_model import load_per_block_model
-
-    try:
-        per_block = load_per_block_model(model_dir)   # width-pruned, sub-blocks removed, DeciLM: float32
-        if per_block is not None:
-            return per_block
-        config = AutoConfig.from_pretrained(model_dir)
-        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        dtype = torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float32
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(f"transformers cannot load the model: {exc}", model_dir) from exc
 
 
 def _imatrix_from_gguf(path: Path, text_file: Path, output: Path | None, ctx: int, chunks: int | None,

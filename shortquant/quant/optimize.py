@@ -603,13 +603,14 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
     place of its standard mix (or added, for bpw/size targets)."""
     from ..evaluate.perplexity import read_text
     from .imatrix import chunk_tokens
-    from .probe import Prober, calibration_tokens
+    from ..tokenizer.encode import encode_text
+    from .probe import Prober
 
     for target in targets:   # before any measuring: a budget nothing can meet is an error at once
         check_reachable(plan, target, out_dir, has_imatrix, settings.base_metadata)
     text = read_text(settings.calib)
     calib_id = f"{Path(settings.calib).name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-    tokens, bos = calibration_tokens(plan.source, text)
+    tokens, bos = encode_text(plan.source, text)
     if settings.probe_chunks is None:
         settings = dataclasses.replace(settings, probe_chunks=default_probe_chunks(plan.n_params))
     want = settings.probe_chunks + settings.verify_chunks

@@ -1,7 +1,7 @@
 """Probing the Hugging Face model itself: how much does changing some weights move its output?
 
-A :class:`Prober` loads the checkpoint with transformers (float32, CPU), runs the calibration
-chunks once to keep the reference log-probabilities and, on the way, the statistics the error
+A :class:`Prober` loads the checkpoint's torch model (``families.hf_model``: float32, CPU), runs
+the calibration chunks once to keep the reference log-probabilities and, on the way, the statistics the error
 weighting needs (mean squared input of every linear layer's columns, token counts). Then any
 set of weights can be swapped in and the mean KL divergence from the reference measured on the
 same tokens; :meth:`Prober.restore` puts the checkpoint's weights back.
@@ -16,108 +16,19 @@ Example::
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import QuantError, SourceError, TokenizerError
-
-
-def calibration_tokens(model_dir: Path, text: str) -> tuple[list[int], int | None]:
-    """Token ids of ``text`` (BOS first when the vocabulary has one) and the BOS id.
-
-    sentencepiece's ``tokenizer.model`` when present, else the Hugging Face ``tokenizer.json``.
-    """
-    model_dir = Path(model_dir)
-    sp_file, hf_file = model_dir / "tokenizer.model", model_dir / "tokenizer.json"
-    if sp_file.is_file():
-        import sentencepiece
-
-        try:
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
-        except (OSError, RuntimeError) as exc:
-            raise TokenizerError(f"cannot load sentencepiece model: {exc}", sp_file) from None
-        bos = sp.bos_id() if sp.bos_id() >= 0 else None
-        return ([bos] if bos is not None else []) + sp.encode(text), bos
-    if hf_file.is_file():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        bos = tok.bos_token_id
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return ([bos] if bos is not None else []) + list(ids), bos
-    raise TokenizerError("no tokenizer.model or tokenizer.json to tokenize the calibration text", model_dir)
-
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def load_hf_model(model_dir: Path, stored_blocks: Sequence[int] | None = None):
-    """The checkpoint as a transformers model in float32, eval mode.
-
-    ``stored_blocks``: the block indices the weights carry (the plan's ``block_map.stored``).
-    When they are not ``0..N-1`` or the config counts another number of blocks (a pruned
-    checkpoint saved with gaps or a stale ``num_hidden_layers``), transformers would build the
-    wrong model (random blocks where the removed ones were), so the model is built with N
-    blocks and the weights are loaded renumbered.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    def fail(exc):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"transformers cannot load the model to measure it: {first}", model_dir) from None
-
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir))
-        n = len(stored_blocks) if stored_blocks is not None else None
-        if n is None or (list(stored_blocks) == list(range(n)) and config.num_hidden_layers == n):
-            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        config.num_hidden_layers = n
-        for key in ("layer_types",):   # per-layer lists follow the kept blocks
-            if isinstance(getattr(config, key, None), list):
-                setattr(config, key, [getattr(config, key)[i] for i in stored_blocks])
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError, IndexError) as exc:
-        fail(exc)
-    from ..source.checkpoint import open_checkpoint
-
-    renumber = {old: new for new, old in enumerate(stored_blocks)}
-    state = {}
-    for name, ref in open_checkpoint(Path(model_dir)).tensors.items():
-        name = _LAYER.sub(lambda m: f".layers.{renumber[int(m.group(1))]}.", name)
-        state[name] = torch.from_numpy(ref.load().reshape(ref.shape))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise SourceError(f"cannot map the checkpoint's weights onto the model to measure it "
-                          f"(missing {missing[:2]}, unexpected {unexpected[:2]})", model_dir)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model
+from ..errors import QuantError
+from ..families.hf_model import load_torch_model, torch_name
 
 
 def hf_name(source: str, stored_blocks: Sequence[int] | None) -> str:
-    """The model's parameter name of a checkpoint tensor (blocks renumbered 0..N-1)."""
-    if stored_blocks is None:
-        return source
-    renumber = {old: new for new, old in enumerate(stored_blocks)}
-    return _LAYER.sub(lambda m: f".layers.{renumber.get(int(m.group(1)), int(m.group(1)))}.", source)
-
-
-def load_probe_model(model_dir: Path, stored_blocks: Sequence[int] | None = None):
-    """The checkpoint as a float32 transformers model: built block by block when its blocks are not
-    what its config describes (width-pruned, sub-blocks removed, DeciLM), else :func:`load_hf_model`."""
-    from ..families.hf_model import load_per_block_model
-
-    try:
-        model = load_per_block_model(Path(model_dir))
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"transformers cannot load the model to measure it: {first}", model_dir) from None
-    return model if model is not None else load_hf_model(model_dir, stored_blocks)
+    """The model's parameter name of a checkpoint tensor (blocks renumbered 0..N-1 as
+    ``load_torch_model`` numbers them; ``stored_blocks`` None: names as stored)."""
+    return source if stored_blocks is None else torch_name(source, stored_blocks)
 
 
 class Prober:
@@ -137,7 +48,7 @@ class Prober:
         if threads:
             torch.set_num_threads(threads)
         self.stored_blocks = tuple(stored_blocks) if stored_blocks is not None else None
-        self.model = load_probe_model(model_dir, self.stored_blocks)
+        self.model = load_torch_model(model_dir)
         self.params = {name: p for name, p in self.model.named_parameters()}
         self.chunks = [torch.as_tensor(np.asarray(c, dtype=np.int64))[None, :] for c in chunks]
         self.n_probe = len(self.chunks) if probe_chunks is None else min(probe_chunks, len(self.chunks))
