@@ -91,6 +91,22 @@ def test_jobs_run_the_model_export_writes(tmp_path, case):
         np.testing.assert_allclose(a, b, rtol=5e-3, atol=0, err_msg=name)
 
 
+def test_calibration_tokens_follow_the_exported_files_bos_and_eos(tmp_path):
+    """A sentencepiece folder that asks for no BOS and an EOS: llama.cpp tokenizes the export so,
+    and so must the calibration text of ``imatrix FOLDER`` and the probes."""
+    from shortquant.quant.imatrix_llama import gguf_tokens
+    from shortquant.tokenizer.encode import encode_text
+
+    src = tmp_path / "src"
+    llama(src, layers=1)
+    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": True}))
+    run("export", src, "--out", tmp_path / "out", "-q", "f32", "--quiet")
+    (f32,) = (tmp_path / "out").glob("*-F32.gguf")
+    ids, bos = encode_text(src, TEXT)
+    assert bos is None and ids[-1] == 2 and ids[0] != 1
+    assert ids == gguf_tokens(f32, TEXT).tolist()
+
+
 # --- bad input: one line, exit 2, nothing written, from every job alike --------------------------------
 
 def _edit_tensors(folder, change) -> None:
