@@ -21,18 +21,11 @@ from click.testing import CliRunner
 
 from reader_cases import CASES, TEXT, llama
 from shortquant.cli import main
+from test_eval_hf_base import one_torch_thread  # noqa: F401  (autouse: one torch thread, small machines)
 
 pytest.importorskip("llama_cpp")
 
 CTX, CHUNKS = 32, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(*args, code=0):

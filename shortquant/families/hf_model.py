@@ -94,15 +94,20 @@ def torch_config(layout):
 
 def reshape_block(layer, shape, hp, present) -> None:
     """Give one decoder layer the modules its tensors describe (``present``: its tensor suffixes;
-    a projection has a bias exactly when the checkpoint stores one)."""
+    a projection has a bias exactly when the checkpoint stores one). Modules the class already
+    built as the tensors say are kept."""
     import torch
     from torch import nn
 
     NoAttention, NoMLP, LinearAttention = _modules()
     d, head_dim = hp["n_embd"], hp["head_dim"]
 
-    def linear(part, name, n_in, n_out):
-        return nn.Linear(n_in, n_out, bias=f"{part}.{name}.bias" in present)
+    def fit(parent, part, projections):
+        for name, n_in, n_out in projections:
+            bias = f"{part}.{name}.bias" in present
+            old = getattr(parent, name)
+            if (old.in_features, old.out_features, old.bias is not None) != (n_in, n_out, bias):
+                setattr(parent, name, nn.Linear(n_in, n_out, bias=bias))
 
     with torch.device("meta"):
         if not shape.n_head:
@@ -110,16 +115,15 @@ def reshape_block(layer, shape, hp, present) -> None:
         elif not shape.n_head_kv:
             layer.self_attn = LinearAttention(d)
         else:
-            attn, q, kv = layer.self_attn, shape.n_head * head_dim, shape.n_head_kv * head_dim
-            for name, n_in, n_out in (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)):
-                setattr(attn, name, linear("self_attn", name, n_in, n_out))
-            attn.num_key_value_groups = shape.n_head // shape.n_head_kv
+            q, kv = shape.n_head * head_dim, shape.n_head_kv * head_dim
+            fit(layer.self_attn, "self_attn",
+                (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)))
+            layer.self_attn.num_key_value_groups = shape.n_head // shape.n_head_kv
         if not shape.n_ff:
             layer.mlp, layer.post_attention_layernorm = NoMLP(), nn.Identity()
         else:
-            for name, n_in, n_out in (("gate_proj", d, shape.n_ff), ("up_proj", d, shape.n_ff),
-                                      ("down_proj", shape.n_ff, d)):
-                setattr(layer.mlp, name, linear("mlp", name, n_in, n_out))
+            ff = shape.n_ff
+            fit(layer.mlp, "mlp", (("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)))
 
 
 def torch_name(name: str, stored, prefix: str = "model.layers") -> str:
