@@ -18,6 +18,7 @@ checks that (a) and (b) chose the same type for every tensor.
     python scripts/bench_export.py --out-dir /tmp/bench            # everything (~10 min, 2 cores)
     python scripts/bench_export.py --out-dir /tmp/bench --skip-llama-cpp --blocks 1   # ours only
     python scripts/bench_export.py --out-dir /tmp/bench --shape llama3-8b --skip-ladder  # BPE, 128k vocab
+    python scripts/bench_export.py --out-dir /tmp/bench --shape qwen3-30b-a3b --skip-ladder --quantize-in-process
 
 llama.cpp's tools are built the first time by scripts/llama_cpp_tools.py (cached).
 """
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 FIXTURES = Path(os.environ.get("SHORTQUANT_SHARED", REPO.parent / "shared")) / "fixtures"
 TOKENIZER_FIXTURE = FIXTURES / "llama-tokenizer.model"
 BPE_TOKENIZER_FIXTURE = FIXTURES / "tokenizers" / "llama-bpe"
+QWEN2_TOKENIZER_FIXTURE = FIXTURES / "tokenizers" / "qwen2"
 LADDER = ("q8_0", "q6_k", "q4_k_m", "q2_k")
 LLAMA_QUANTIZE_NAMES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q4_k_m": "Q4_K_M", "q2_k": "Q2_K"}
 TARGETS = {  # ratio name -> (numerator, denominator, at most)
@@ -64,8 +66,15 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 # SmolLM-135M shapes (scripts/bench_eval.py's model): a 49,152-token vocabulary, tied embeddings.
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
             vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=True)
-SHAPES = {"llama-7b": LLAMA_7B, "llama3-8b": LLAMA3_8B, "smol": SMOL}
-# Issue 8's targets for the Llama-3 shape (q4_k_m against convert + llama-quantize).
+# Qwen3-30B-A3B shapes: 128 experts of width 768 per block (8 used), GQA 32/4 with head_dim 128,
+# per-head Q/K norms, the Qwen2 BPE tokenizer (151,936 rows); experts one tensor each, as the hub holds them.
+QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1000000.0,
+                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+SHAPES = {"llama-7b": LLAMA_7B, "llama3-8b": LLAMA3_8B, "smol": SMOL, "qwen3-30b-a3b": QWEN3_30B_A3B}
+# Issue 8's targets for the Llama-3 shape (q4_k_m against convert + llama-quantize); issue 21's
+# for the Qwen3-MoE shape are the same.
 LLAMA3_TARGETS = {"(a)/(b) wall": ("a", "b", 0.8), "(a)/(b) peak RSS": ("a", "b", 0.5)}
 
 
@@ -79,6 +88,8 @@ def checkpoint_tensors(blocks: int, shape: dict = LLAMA_7B) -> list[tuple[str, t
     h, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     out = [("model.embed_tokens.weight", (v, h))]
+    if "num_experts" in shape:
+        return out + moe_block_tensors(blocks, shape) + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     for i in range(blocks):
         p = f"model.layers.{i}."
         out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
@@ -88,6 +99,25 @@ def checkpoint_tensors(blocks: int, shape: dict = LLAMA_7B) -> list[tuple[str, t
                 (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
     out.append(("model.norm.weight", (h,)))
     return out if shape.get("tie_word_embeddings") else out + [("lm_head.weight", (v, h))]
+
+
+def moe_block_tensors(blocks: int, shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Qwen3-MoE blocks as the hub stores them: attention with per-head norms, the router, and
+    every expert's gate / up / down as its own tensor."""
+    h, w, e, hd = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts"], shape["head_dim"]
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    out = []
+    for i in range(blocks):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
+                (p + "mlp.gate.weight", (e, h))]
+        for x in range(e):
+            out += [(p + f"mlp.experts.{x}.gate_proj.weight", (w, h)), (p + f"mlp.experts.{x}.up_proj.weight", (w, h)),
+                    (p + f"mlp.experts.{x}.down_proj.weight", (h, w))]
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    return out
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -126,8 +156,9 @@ def write_safetensors_bf16(path: Path, tensors: list[tuple[str, tuple[int, ...]]
 def build_checkpoint(folder: Path, blocks: int, seed: int = 0, shape_name: str = "llama-7b") -> Path | None:
     """The benchmark checkpoint in ``folder`` (reused when already complete); None without tokenizer."""
     shape = SHAPES[shape_name]
-    bpe = shape is LLAMA3_8B
-    tokenizer = BPE_TOKENIZER_FIXTURE if bpe else TOKENIZER_FIXTURE
+    moe = shape is QWEN3_30B_A3B
+    bpe = shape is LLAMA3_8B or moe
+    tokenizer = (QWEN2_TOKENIZER_FIXTURE if moe else BPE_TOKENIZER_FIXTURE) if bpe else TOKENIZER_FIXTURE
     if not tokenizer.exists():
         print(f"skipping: the tokenizer fixture {tokenizer} is absent (both pipelines need a vocabulary)")
         return None
@@ -143,8 +174,12 @@ def build_checkpoint(folder: Path, blocks: int, seed: int = 0, shape_name: str =
               "hidden_act": "silu", "initializer_range": 0.02, "rope_theta": 10000.0, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
               "use_cache": True, **shape}
+    if moe:
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", bos_token_id=None,
+                      eos_token_id=151645, pad_token_id=None)
     if bpe:
-        config.update(bos_token_id=128000, eos_token_id=128001, pad_token_id=None)
+        if not moe:
+            config.update(bos_token_id=128000, eos_token_id=128001, pad_token_id=None)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         for f in tokenizer.iterdir():
             shutil.copyfile(f, folder / f.name)
@@ -163,6 +198,16 @@ def build_checkpoint(folder: Path, blocks: int, seed: int = 0, shape_name: str =
 # ---------------------------------------------------------------------------------------------
 # Measuring child processes
 # ---------------------------------------------------------------------------------------------
+
+# llama-quantize's job through llama-cpp-python (argv: F16 OUT TYPE THREADS), for --quantize-in-process
+IN_PROCESS_QUANTIZE = """
+import ctypes, sys, gguf, llama_cpp
+L = llama_cpp.llama_cpp
+params = L.llama_model_quantize_default_params()
+params.ftype = int(getattr(gguf.LlamaFileType, "MOSTLY_" + sys.argv[3]))
+params.nthread = int(sys.argv[4])
+sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
 
 @dataclass
 class Step:
@@ -253,7 +298,8 @@ checkpoint = open_checkpoint(src)
 plan = make_model_plan(checkpoint, ExportOptions(quants=(quant,), quiet=True))
 hp = plan.hparams
 types = choose_types([(t.name, t.shape) for t in plan.tensors], quant=quant, n_layer=hp["n_layer"],
-                     n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], arch=plan.arch)
+                     n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], n_expert=hp.get("n_expert", 0),
+                     arch=plan.arch)
 kernel, kernel_cpu, load = 0.0, 0.0, 0.0
 for tensor in plan.tensors:
     rows = tensor.shape[0] if len(tensor.shape) > 1 else 1
@@ -313,11 +359,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/shortquant-bench"))
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-7b",
-                        help="llama-7b (sentencepiece, 32000 vocab) or llama3-8b (BPE, 128256 vocab)")
+                        help="llama-7b (sentencepiece, 32000 vocab), llama3-8b (BPE, 128256 vocab), smol, or "
+                             "qwen3-30b-a3b (mixture of experts: 128 experts of width 768 per block)")
     parser.add_argument("--blocks", type=int, default=None, help="[default: 4 for llama-7b, 2 for llama3-8b]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--skip-llama-cpp", action="store_true", help="time only shortquant and the floor")
     parser.add_argument("--skip-ladder", action="store_true", help="leave out (d)")
+    parser.add_argument("--quantize-in-process", action="store_true",
+                        help="run llama.cpp's quantizer through llama-cpp-python's llama_model_quantize in a "
+                             "child process instead of building the llama-quantize binary (the same code)")
     parser.add_argument("--profile", action="store_true", help="also run (a) under cProfile (extra run)")
     parser.add_argument("--keep-files", action="store_true",
                         help="keep the GGUF files (about 8 GB at 4 blocks); the checkpoint is always kept")
@@ -327,8 +377,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench_export.log"
     log.write_text("")
-    args.blocks = args.blocks or (2 if args.shape == "llama3-8b" else 4)
-    targets = LLAMA3_TARGETS if args.shape == "llama3-8b" else TARGETS
+    args.blocks = args.blocks or (2 if args.shape in ("llama3-8b", "qwen3-30b-a3b") else 4)
+    targets = LLAMA3_TARGETS if args.shape in ("llama3-8b", "qwen3-30b-a3b") else TARGETS
     src = build_checkpoint(out / f"{args.shape}-shapes-{args.blocks}blk", args.blocks, shape_name=args.shape)
     if src is None:
         return 0
@@ -345,8 +395,9 @@ def main() -> int:
     if not args.skip_llama_cpp:
         from llama_cpp_tools import ensure_tools
 
-        tools = ensure_tools(("llama-quantize",))
-        quantize_bin = tools.binaries["llama-quantize"]
+        tools = ensure_tools(() if args.quantize_in_process else ("llama-quantize",))
+        quantize_bin = [sys.executable, "-c", IN_PROCESS_QUANTIZE] if args.quantize_in_process \
+            else [tools.binaries["llama-quantize"]]
         f16 = out / "b" / "model-f16.gguf"
         f16.parent.mkdir(exist_ok=True)
         convert = measure("(b1) convert_hf_to_gguf.py --outtype f16",
@@ -357,7 +408,7 @@ def main() -> int:
         for q in (["q4_k_m"] + [q for q in LADDER if q != "q4_k_m"]) if not args.skip_ladder else ["q4_k_m"]:
             quantized[q] = out / "b" / f"model-{LLAMA_QUANTIZE_NAMES[q]}.gguf"
             pipeline_q[q] = measure(f"(b2) llama-quantize {LLAMA_QUANTIZE_NAMES[q]}",
-                                    [quantize_bin, f16, quantized[q], LLAMA_QUANTIZE_NAMES[q], args.threads], log)
+                                    [*quantize_bin, f16, quantized[q], LLAMA_QUANTIZE_NAMES[q], args.threads], log)
         steps["b1"], steps["b2"] = convert, pipeline_q["q4_k_m"]
         steps["b"] = combine("(b) llama.cpp pipeline q4_k_m", [convert, pipeline_q["q4_k_m"]])
 

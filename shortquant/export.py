@@ -24,6 +24,7 @@ from .gguf_out import GGUFFileWriter
 from .plan import FilePlan, ModelPlan, TensorPlan, plan_file
 from .resources import DEMO_RECIPE, demo_model, is_demo_model
 from .source.checkpoint import Checkpoint, open_checkpoint
+from .source.experts import tensor_ref
 from .transforms import apply_transform, row_unit
 
 
@@ -256,6 +257,8 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
                 lambda i: load_piece(checkpoint, todo[i], options.allow_nonfinite, buffers[i % 2]), todo):
             name = piece.tensor.name
             column_weights = (importance or {}).get(name)
+            if column_weights is not None and len(piece.tensor.shape) == 3:   # one row per expert
+                column_weights = column_weights.reshape(piece.tensor.shape[0], -1)[piece.start:piece.stop]
             for f in files:
                 if f.quant in failed:
                     continue
@@ -347,7 +350,7 @@ def load_piece(checkpoint: Checkpoint, piece: Piece, allow_nonfinite: bool = Fal
     tensor = piece.tensor
     if tensor.computed:
         return tensor.computed_rows(piece.start, piece.stop)
-    ref = checkpoint.tensors[tensor.source]
+    ref = tensor_ref(checkpoint.tensors, tensor)   # experts: a stacked view of their sources
     if tuple(ref.shape) != tuple(tensor.shape):   # FFN zero-padded to a K-quant width (--pad-ffn)
         return _load_padded(ref, piece, allow_nonfinite)
     try:

@@ -10,6 +10,8 @@ RECIPE = "shortquant.recipe"                            # string: recipe name us
 VERSION = "shortquant.version"                          # string: the shortquant that wrote the file
 REMOVED_ATTENTION = "shortquant.removed_attention"      # int32[]: blk.N whose attention the source removed
 REMOVED_MLP = "shortquant.removed_mlp"                  # int32[]: blk.N whose MLP the source removed
+REMOVED_EXPERTS = "shortquant.removed_experts"          # string[]: per blk.N, the source experts removed ("3,7")
+SOURCE_EXPERT_COUNT = "shortquant.source_expert_count"  # uint32: experts per block in the unpruned model
 
 # A measured, optimized type mix (shortquant export --optimize / --target-bpw / --target-size)
 OPTIMIZE_BASE_MIX = "shortquant.optimize.base_mix"          # string: standard mix it was compared with

@@ -25,6 +25,17 @@ class Transform(enum.Enum):
     NONE = "none"
     PERMUTE_Q = "permute_q"   # rotary rows: HF (half-split) -> llama.cpp (interleaved), by n_head
     PERMUTE_K = "permute_k"   # same, by n_head_kv
+    ADD_ONE = "add_one"       # a LayerNorm weight stored minus one (Nemotron's layernorm1p)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A tensor assembled from several source tensors: mixture-of-experts weights stacked on a
+    new first axis (llama.cpp's ``*_exps``), one source per expert, or a slice of one fused
+    source of shape (experts, rows, cols) when ``rows`` says which rows of its second axis."""
+
+    sources: tuple[str, ...]
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class TensorPlan:
     heads: int | None = None        # head count used by the permutation
     values: tuple[float, ...] | None = None   # a tensor computed from the config, not read
     fill: float | None = None       # a constant tensor written for llama.cpp (deci workarounds), not read
+    stack: Stack | None = None      # experts stacked from several sources (``source`` then only describes them)
 
     @property
     def computed(self) -> bool:
@@ -67,12 +79,15 @@ class BlockShape:
 
     n_head: int
     n_head_kv: int
-    n_ff: int
+    n_ff: int                       # the FFN width; with experts, each expert's
+    n_expert: int = 0               # experts of a mixture-of-experts FFN (0: a dense FFN)
 
     def describe(self) -> str:
         attn = ("no attention" if not self.n_head else "linear attention" if not self.n_head_kv
                 else f"heads {self.n_head}/{self.n_head_kv}")
-        return f"{attn}, " + (f"ffn {self.n_ff}" if self.n_ff else "no MLP")
+        ffn = (f"{self.n_expert} experts of ffn {self.n_ff}" if self.n_expert else
+               f"ffn {self.n_ff}" if self.n_ff else "no MLP")
+        return f"{attn}, {ffn}"
 
 
 @dataclass(frozen=True)
@@ -202,7 +217,8 @@ def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix
     spec = quant if not isinstance(quant, str) else parse_quant(quant)
     hp = plan.hparams
     types = choose_types([(t.name, t.shape) for t in plan.tensors], quant=spec, n_layer=hp["n_layer"],
-                         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], overrides=overrides,
+                         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], n_expert=hp.get("n_expert", 0),
+                         overrides=overrides,
                          has_imatrix=has_imatrix, arch=plan.arch, require_imatrix=require_imatrix)
     return FilePlan(quant=spec.name, type_label=spec.label, file_type=spec.file_type, tensor_types=types,
                     path=Path(out_dir) / plan.naming.file_name(spec.label))
@@ -224,7 +240,8 @@ def plan_as_dict(plan: ModelPlan, files: list[FilePlan] = ()) -> dict[str, Any]:
                      "types": {f.quant: f.tensor_types[t.name].name for f in files}} for t in plan.tensors],
         "files": [{"path": str(f.path), "type": f.type_label, "bytes": f.total_bytes(plan)} for f in files],
         "tokenizer": plan.tokenizer.summary() if plan.tokenizer is not None else None,
-        "block_shapes": [{"n_head": b.n_head, "n_head_kv": b.n_head_kv, "n_ff": b.n_ff} for b in plan.block_shapes],
+        "block_shapes": [{"n_head": b.n_head, "n_head_kv": b.n_head_kv, "n_ff": b.n_ff, "n_expert": b.n_expert}
+                         for b in plan.block_shapes],
         "arch_reason": plan.arch_reason,
         "warnings": list(plan.warnings),
     }

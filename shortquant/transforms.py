@@ -34,6 +34,8 @@ def apply_transform(tensor: TensorPlan, rows: np.ndarray) -> np.ndarray:
         return rows
     if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
         return np.ascontiguousarray(permute_rotary(rows, rows.shape[0] // row_unit(tensor)))
+    if tensor.transform is Transform.ADD_ONE:   # llama.cpp's LayerNorm multiplies by the weight itself
+        return rows + np.float32(1)
     raise ValueError(f"unknown transform {tensor.transform}")
 
 
@@ -52,4 +54,6 @@ def undo_transform(tensor: TensorPlan, rows: np.ndarray) -> np.ndarray:
         return rows
     if tensor.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
         return np.ascontiguousarray(unpermute_rotary(rows, rows.shape[0] // row_unit(tensor)))
+    if tensor.transform is Transform.ADD_ONE:
+        return rows - np.float32(1)
     raise ValueError(f"unknown transform {tensor.transform}")

@@ -14,12 +14,18 @@ EVAL_TEXT = Path(__file__).resolve().parents[1] / "shortquant" / "evaluate" / "d
 # The split patterns of Llama-3's and Qwen2's tokenizer.json (facts of those tokenizers).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Tekken's (Mistral-NeMo, Mistral-NeMo-Minitron-8B): letters split by case runs, digits one by one
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
                    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}"
+                    "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -30,6 +36,9 @@ STYLES = {
                LLAMA3_TEMPLATE, "llama-bpe"),
     "qwen2": (QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>",
               CHATML_TEMPLATE, "qwen2"),
+    # Tekken's tokenizer.json: BPE with ignore_merges (a whole-word token wins), <s> added
+    "tekken": (TEKKEN_SPLIT, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>",
+               MISTRAL_TEMPLATE, "tekken"),
 }
 
 
@@ -39,7 +48,7 @@ def make_bpe_tokenizer(folder: Path, style: str = "llama3", vocab_size: int = 40
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     split, specials, bos, eos, template, _ = STYLES[style]
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(models.BPE(ignore_merges=style == "tekken"))
     if style == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -64,12 +73,13 @@ def make_bpe_tokenizer(folder: Path, style: str = "llama3", vocab_size: int = 40
 
 
 def build_family_model(family: str, vocab_size: int, *, layers: int = 4, seed: int = 0, **overrides):
-    """A random transformers model of ``family`` (llama, mistral, qwen2, qwen3) in f32, eval mode,
+    """A random transformers model of ``family`` (llama, mistral, qwen2, qwen3, nemotron) in f32, eval mode,
     with perturbed norms and biases so a wrong mapping shows in the logits."""
     import transformers
 
     classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+               "nemotron": ("NemotronConfig", "NemotronForCausalLM")}
     config_cls, model_cls = (getattr(transformers, n) for n in classes[family])
     kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,

@@ -92,8 +92,11 @@ def test_bad_input(weights, importance):
     nan_weights[7, 9] = np.inf
     with pytest.raises(QuantError, match="rejected"):
         ggml.quantize(nan_weights, T.Q8_0)
-    with pytest.raises(QuantError):
-        ggml.quantize(weights.reshape(2, 48, 512), T.Q8_0)
+    # 3-D: stacked experts, their rows in order; importance per expert must match the experts
+    stacked = weights.reshape(2, -1, weights.shape[-1])
+    assert (ggml.quantize(stacked, T.Q8_0) == ggml.quantize(weights, T.Q8_0)).all()
+    with pytest.raises(QuantError, match="importance matrix has 3 rows for 2 experts"):
+        ggml.quantize(stacked, T.Q4_K, imatrix=np.ones((3, weights.shape[-1]), np.float32))
 
 
 def test_library_lookup_errors(monkeypatch, tmp_path):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from shortquant.errors import ConfigError
 
-from . import deci, llama, qwen2, qwen3
+from . import deci, llama, mixtral, nemotron, qwen2, qwen3, qwen3moe
 from .family import Family
 from .planner import plan_model
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, deci.DECILM)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, deci.DECILM, qwen3moe.FAMILY,
+                                mixtral.FAMILY, nemotron.FAMILY)
 
 
 def find_family(checkpoint) -> Family:

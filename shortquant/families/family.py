@@ -51,6 +51,11 @@ def neox_block(extra: BlockTable | None = None) -> BlockTable:
     return table
 
 
+def without_mlp(table: BlockTable) -> BlockTable:
+    """A block table without the dense MLP's projections (mixture-of-experts blocks)."""
+    return {s: v for s, v in table.items() if not s.startswith("mlp.")}
+
+
 @dataclass(frozen=True)
 class Family:
     """A source family. ``hparams(config, path)`` returns the model's hyper-parameters (shared
@@ -77,9 +82,13 @@ class Family:
     check_block_shapes: Callable | None = None
     # the transformers class that runs the checkpoint (hf_model.py sets each block's own shapes on it)
     torch_model: str = "LlamaForCausalLM"
+    # mixture of experts: the layouts its router and experts may be stored in (families/moe.py)
+    experts: tuple = ()
     block_prefix: str = "model.layers"
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
+    final_norm_bias: str | None = None         # LayerNorm families (Nemotron)
+    final_norm_transform: Transform = Transform.NONE
     lm_head: str = "lm_head.weight"
 
     @property

@@ -45,6 +45,10 @@ def load_torch_model(model_dir: Path, dtype=None):
     dtype = dtype or torch.float32
     layout = read_layout(open_checkpoint(Path(model_dir)))
     folder = layout.checkpoint.folder
+    if layout.experts:   # a mixture of experts: its experts fused as transformers 5 holds them
+        from .moe_torch import load_moe_model
+
+        return load_moe_model(layout, dtype)
     try:
         config = torch_config(layout)
         with torch.device("meta"):
@@ -104,6 +108,8 @@ def reshape_block(layer, shape, hp, present) -> None:
 
     def fit(parent, part, projections):
         for name, n_in, n_out in projections:
+            if not hasattr(parent, name):
+                continue   # a projection the family does not have (Nemotron's MLP has no gate)
             bias = f"{part}.{name}.bias" in present
             old = getattr(parent, name)
             if (old.in_features, old.out_features, old.bias is not None) != (n_in, n_out, bias):

@@ -74,10 +74,12 @@ def hparam_metadata(hp: dict, key: Callable[[str], str]) -> list[MetaItem]:
         MetaItem(key(L.EMBEDDING_LENGTH), hp["n_embd"], U),
         MetaItem(key(L.BLOCK_COUNT), hp["n_layer"], U),
         MetaItem(key(L.FEED_FORWARD_LENGTH), hp["n_ff"], U),
-        MetaItem(key(R.DIMENSION_COUNT), hp["head_dim"], U),
+        MetaItem(key(R.DIMENSION_COUNT), hp.get("n_rot", hp["head_dim"]), U),   # n_rot: partial rotary
         MetaItem(key(A.HEAD_COUNT), hp["n_head"], U),
         MetaItem(key(A.HEAD_COUNT_KV), hp["n_head_kv"], U),
-        MetaItem(key(A.LAYERNORM_RMS_EPS), hp["rms_eps"], F),
+        # norm_eps: the family uses LayerNorm (with bias), not RMSNorm
+        MetaItem(key(A.LAYERNORM_EPS), hp["norm_eps"], F) if "norm_eps" in hp
+        else MetaItem(key(A.LAYERNORM_RMS_EPS), hp["rms_eps"], F),
         MetaItem(key(R.FREQ_BASE), hp["rope_theta"], F),
         MetaItem(key(L.VOCAB_SIZE), hp["vocab_size"], U),
     ]

@@ -10,13 +10,14 @@ read once, and every check fails with a one-line error naming the folder, the bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from shortquant.errors import LayoutError, WeightError
 from shortquant.layers import BlockMap, check_block_tensors, group_block_tensors, make_block_map
 from shortquant.plan import BlockShape
 
+from . import moe
 from .family import Family
 from .shapes import ATTN_NORM, FFN_NORM, read_block_shapes
 
@@ -33,6 +34,8 @@ class Layout:
     blocks: dict[int, dict[str, str]]
     block_map: BlockMap
     shapes: tuple[BlockShape, ...]
+    experts: dict = field(default_factory=dict)   # stored index -> moe.ExpertBlock (MoE families)
+    warnings: tuple[str, ...] = ()                # what config.json says wrongly about the experts
 
     @property
     def stored(self) -> tuple[int, ...]:
@@ -73,6 +76,8 @@ def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequ
     table = {**family.block_tensors, **family.optional_block_tensors}
     try:
         blocks, others = group_block_tensors(checkpoint.tensors, family.block_prefix)
+        # a mixture of experts: the router and experts taken out of the blocks (families/moe.py)
+        experts = moe.split_experts(blocks, family.experts, checkpoint.tensors, folder) if family.experts else {}
         check_block_tensors(blocks, [], list(table) + list(family.ignored_block_tensors))
         block_map = make_block_map(
             list(blocks), checkpoint.config.get("num_hidden_layers"), source_blocks=source_blocks,
@@ -88,7 +93,7 @@ def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequ
     missing = [n for n in (embed, final_norm) if n not in checkpoint.tensors]
     if missing:
         raise WeightError(f"missing tensor {missing[0]!r}", folder)
-    unexpected = [n for n in others if n not in (embed, final_norm, lm_head)]
+    unexpected = [n for n in others if n not in (embed, final_norm, lm_head, family.final_norm_bias)]
     if unexpected:
         raise WeightError(f"unexpected tensor {unexpected[0]!r} for a {family.name} checkpoint", folder)
     if lm_head not in checkpoint.tensors and not checkpoint.config.get("tie_word_embeddings", False):
@@ -100,12 +105,21 @@ def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequ
                           f"{checkpoint.config['vocab_size']}", folder)
     hp.update(vocab_size=vocab, n_layer=block_map.block_count)
 
-    shapes = read_block_shapes(blocks, block_map.stored, checkpoint.tensors, hp, checkpoint.config, folder)
+    if family.final_norm_bias is not None and family.final_norm_bias not in checkpoint.tensors:
+        raise WeightError(f"missing tensor {family.final_norm_bias!r}", folder)
+
+    gateless = not any(s == "mlp.gate_proj.weight" for s in table)   # Nemotron's MLP (and experts' blocks)
+    shapes = read_block_shapes(blocks, block_map.stored, checkpoint.tensors, hp, checkpoint.config, folder,
+                               gateless=gateless)
     if family.check_block_shapes is not None:
         family.check_block_shapes(checkpoint.config, hp, shapes, block_map.stored, folder)
+    warnings = ()
+    if experts:
+        shapes, found = moe.plan_experts(hp, experts, block_map.stored, shapes, checkpoint.config, folder)
+        warnings = tuple(found)
     for index, shape in zip(block_map.stored, shapes):
         has = {"attn": shape.n_head > 0 and shape.n_head_kv > 0, "mlp": shape.n_ff > 0}
         for suffix in family.block_tensors:
             if has[sub_block(suffix)] and suffix not in blocks[index]:
                 raise WeightError(f"block {index} is missing tensor {suffix!r}", folder)
-    return Layout(family, checkpoint, hp, blocks, block_map, shapes)
+    return Layout(family, checkpoint, hp, blocks, block_map, shapes, experts, warnings)

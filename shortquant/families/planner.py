@@ -17,7 +17,7 @@ from shortquant.errors import WeightError
 from shortquant.naming import make_naming
 from shortquant.plan import BlockShape, MetaItem, ModelPlan, TensorPlan, Transform
 
-from . import deci
+from . import deci, moe
 from .family import Family
 from .hparams import hparam_metadata
 from .layout import read_layout, sub_block
@@ -37,7 +37,7 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
         layout.shapes
     table = {**family.block_tensors, **family.optional_block_tensors}
     embed, final_norm, lm_head, vocab = family.embed, family.final_norm, family.lm_head, hp["vocab_size"]
-    warnings = list(block_map.warnings)
+    warnings = list(block_map.warnings) + list(layout.warnings)
     # FFN padding: None (default) pads the widths pruning changed (not config.json's) to 256
     pad = getattr(options, "pad_ffn", None)
     pad, pad_unless = (256, hp["n_ff"]) if pad is None else (pad, None)
@@ -67,7 +67,11 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
     for n, stored in enumerate(block_map.stored):
         tensors += block_tensors(family, table, blocks[stored], n, shapes[n], hp, read, arch_reason is not None,
                                  checkpoint.folder, ffn_width=written[n].n_ff)
-    tensors.append(read(MODEL_TENSOR.OUTPUT_NORM, final_norm))
+        if layout.experts:
+            tensors += moe.expert_tensors(layout.experts[stored], n, gguf_name, hp["n_embd"])
+    tensors.append(read(MODEL_TENSOR.OUTPUT_NORM, final_norm, transform=family.final_norm_transform))
+    if family.final_norm_bias is not None:
+        tensors.append(read(MODEL_TENSOR.OUTPUT_NORM, family.final_norm_bias))
     if lm_head in checkpoint.tensors:
         tensors.append(read(MODEL_TENSOR.OUTPUT, lm_head))
     check_shapes(tensors, hp, padded(shapes, pad, pad_unless), checkpoint.folder)
@@ -84,6 +88,9 @@ def plan_model(family: Family, checkpoint, options) -> ModelPlan:
         hparams = deci.per_layer_metadata(hparams, written, hp, key)
     metadata = (general_metadata(naming, recipe) + hparams + family.extra_metadata(hp, checkpoint.config, key)
                 + provenance_metadata(block_map, recipe) + deci.sub_block_provenance(shapes))
+    if layout.experts:
+        removed = moe.removed_experts(checkpoint.config, layout.experts, block_map, checkpoint.folder)
+        metadata += moe.expert_provenance(hp, removed)
     return ModelPlan(source=checkpoint.folder, converter=family.name, arch=arch_name, naming=naming,
                      block_map=block_map, hparams=hp, metadata=tuple(metadata), tensors=tuple(tensors),
                      tokenizer=tokenizer, warnings=tuple(warnings) + tokenizer.warnings, block_shapes=shapes,
@@ -123,8 +130,8 @@ def padded(shapes, pad: int, unless: int | None = None) -> tuple[BlockShape, ...
     quantize ffn_down instead of falling back (scripts/bench_ffn_padding.py measures it)."""
     if not pad:
         return tuple(shapes)
-    return tuple(s if s.n_ff == unless else BlockShape(s.n_head, s.n_head_kv, -(-s.n_ff // pad) * pad)
-                 for s in shapes)
+    return tuple(s if s.n_ff == unless or s.n_expert else BlockShape(s.n_head, s.n_head_kv, -(-s.n_ff // pad) * pad)
+                 for s in shapes)   # experts are never padded: llama.cpp's per-expert rows stay as stored
 
 
 def ffn_shape(t: TensorPlan, width: int) -> tuple[int, ...]:

@@ -19,8 +19,9 @@ LINEAR_ATTN = "self_attn.linear_attn.weight"   # DeciLM's replace_with_linear at
 
 
 def read_block_shapes(blocks: dict[int, dict[str, str]], stored, tensors, hp: dict, config: dict,
-                      folder) -> tuple[BlockShape, ...]:
-    """The shape of every stored block (in ``stored`` order), checked; errors name block and tensor."""
+                      folder, gateless: bool = False) -> tuple[BlockShape, ...]:
+    """The shape of every stored block (in ``stored`` order), checked; errors name block and tensor.
+    ``gateless``: the family's MLP is up and down projections only."""
     def fail(index, problem):
         raise WeightError(f"block {index}: {problem}", folder)
 
@@ -65,9 +66,11 @@ def read_block_shapes(blocks: dict[int, dict[str, str]], stored, tensors, hp: di
         if not mlp:
             n_ff = 0
         else:
-            for suffix in MLP + (FFN_NORM,):
+            gated = MLP[0] in present or not gateless
+            for suffix in (MLP if gated else MLP[1:]) + (FFN_NORM,):
                 need(index, suffix)
-            gate, up = rows(index, MLP[0]), rows(index, MLP[1])
+            up = rows(index, MLP[1])
+            gate = rows(index, MLP[0]) if gated else up   # Nemotron's MLP has no gate
             down = tensors[present[MLP[2]]].shape
             if not (gate == up == (down[1] if len(down) > 1 else -1)):
                 fail(index, f"FFN widths disagree: {MLP[0]!r} has {gate} rows, {MLP[1]!r} {up}, "
@@ -123,3 +126,57 @@ def why_per_layer(shapes) -> str:
     if len(widths) > 1:
         reasons.append(f"FFN widths differ ({widths[0]}..{widths[-1]})")
     return "; ".join(reasons)
+
+
+# transformers' per_layer_config "skip" names for a removed sub-block
+_SKIP = {"attention": "attn", "self_attn": "attn", "attn": "attn", "mlp": "mlp", "ffn": "mlp"}
+
+
+def per_layer_config_shapes(config: dict, hp: dict, count: int, folder) -> list[BlockShape]:
+    """The shapes transformers' ``per_layer_config`` declares for layers ``0..count-1``: sparse
+    overrides of ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` and
+    ``skip`` of whole sub-blocks, on top of the global config."""
+    table = config["per_layer_config"]
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise WeightError("config.json: per_layer_config must map layer indices to objects", folder)
+    try:
+        layers = {int(k): v for k, v in table.items()}
+    except ValueError:
+        raise WeightError("config.json: per_layer_config keys must be layer indices", folder) from None
+    outside = sorted(i for i in layers if not 0 <= i < count)
+    if outside:
+        raise WeightError(f"config.json: per_layer_config names layer {outside[0]} but the config has {count}", folder)
+    known = {"num_attention_heads", "num_key_value_heads", "intermediate_size", "skip", "head_dim"}
+    out = []
+    for i in range(count):
+        over = layers.get(i, {})
+        extra = sorted(set(over) - known)
+        if extra:
+            raise WeightError(f"config.json: per_layer_config[{i}] sets {extra[0]!r}, which llama.cpp cannot hold "
+                              f"per layer", folder)
+        if over.get("head_dim", hp["head_dim"]) != hp["head_dim"]:
+            raise WeightError(f"config.json: per_layer_config[{i}] changes head_dim; llama.cpp has one head size",
+                              folder)
+        skip = over.get("skip", [])
+        if isinstance(skip, str) or not all(s in _SKIP for s in skip):
+            raise WeightError(f"config.json: per_layer_config[{i}] skip must be a list of {sorted(_SKIP)}", folder)
+        skipped = {_SKIP[s] for s in skip}
+        n_head = over.get("num_attention_heads", hp["n_head"])
+        n_kv = over.get("num_key_value_heads", config.get("num_key_value_heads") or n_head)
+        n_ff = over.get("intermediate_size", config.get("intermediate_size"))
+        out.append(BlockShape(0 if "attn" in skipped else n_head, 0 if "attn" in skipped else n_kv,
+                              0 if "mlp" in skipped else n_ff))
+    return out
+
+
+def check_per_layer_config(config: dict, hp: dict, shapes, stored, folder) -> None:
+    """transformers' ``per_layer_config``, when present, must describe exactly the blocks found
+    (layer indices as stored: a gap is a removed layer)."""
+    if "per_layer_config" not in config:
+        return
+    count = max(config.get("num_hidden_layers") or 0, max(stored) + 1)
+    declared = per_layer_config_shapes(config, hp, count, folder)
+    for index, got in zip(stored, shapes):
+        if declared[index] != got:
+            raise WeightError(f"block {index}: per_layer_config says {declared[index].describe()} but its tensors "
+                              f"hold {got.describe()}", folder)

@@ -49,10 +49,33 @@ _VICUNA_GO = (
     '{{- end }}ASSISTANT:'
 )
 
+# Llama-3 / 3.x Instruct: a header per message (system messages included, in order), then the
+# assistant's header. Its Jinja starts with BOS, which ollama adds itself.
+_LLAMA3_GO = (
+    '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+    '{{ .Content }}<|eot_id|>'
+    '{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n'
+)
+
+# ChatML (Qwen2, Qwen2.5, Qwen3, SmolLM2-Instruct): "<|im_start|>{role}\n{content}<|im_end|>\n" each.
+_CHATML_GO = (
+    '{{- range .Messages }}<|im_start|>{{ .Role }}\n'
+    '{{ .Content }}<|im_end|>\n'
+    '{{ end }}<|im_start|>assistant\n'
+)
+
 OLLAMA_TEMPLATES: dict[str, OllamaTemplate] = {
     "vicuna": OllamaTemplate(template=_VICUNA_GO, system=VICUNA_SYSTEM_PROMPT,
                              stop=("</s>", "USER:")),
+    "llama3": OllamaTemplate(template=_LLAMA3_GO, system=None,
+                             stop=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")),
+    "chatml": OllamaTemplate(template=_CHATML_GO, system=None, stop=("<|im_start|>", "<|im_end|>")),
 }
+
+# Families recognised by the tokens their Jinja templates write (hub templates differ in tools,
+# dates and thinking blocks, so no text comparison could find them): (family, tokens all present).
+_MARKERS = (("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+            ("chatml", ("<|im_start|>", "<|im_end|>")))
 
 # Files ollama reads from the root of a hub repo.
 OLLAMA_TEMPLATE_FILE = "template"
@@ -61,7 +84,8 @@ OLLAMA_PARAMS_FILE = "params"
 
 
 def template_family(chat_template: str | None) -> str | None:
-    """The name of the built-in family whose Jinja text equals ``chat_template``, else None.
+    """The name of the built-in family whose Jinja text equals ``chat_template``, or the
+    Llama-3 / ChatML family whose tokens it writes, else None.
 
     >>> from shortquant.chat_templates import chat_template
     >>> template_family(chat_template("vicuna"))
@@ -71,6 +95,9 @@ def template_family(chat_template: str | None) -> str | None:
         return None
     for name, text in CHAT_TEMPLATES.items():
         if text is not None and text.strip() == chat_template.strip():
+            return name
+    for name, tokens in _MARKERS:
+        if all(t in chat_template for t in tokens):
             return name
     return None
 

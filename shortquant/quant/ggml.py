@@ -226,8 +226,9 @@ def quantize(
 ) -> np.ndarray:
     """Quantize float32 rows to ``qtype`` exactly as llama.cpp does.
 
-    ``data`` is (rows, cols) or 1-D (one row); ``cols`` is the row length and must be a
-    multiple of the type's block size. ``imatrix`` holds one importance value per column.
+    ``data`` is (rows, cols) or 1-D (one row), or (experts, rows, cols); ``cols`` is the row
+    length and must be a multiple of the type's block size. ``imatrix`` holds one importance
+    value per column, or one row of them per expert (experts, cols), as llama.cpp uses them.
     Returns uint8 of shape (rows, row_size(qtype, cols)): the bytes llama.cpp writes for the
     tensor. F16 and BF16 are converted by ggml (its rounding); F32 is returned as bytes.
     ``out`` may be a preallocated uint8 array of that shape to write into. ``validate=False``
@@ -242,6 +243,17 @@ def quantize(
     src = np.ascontiguousarray(data, dtype=np.float32)
     if src.ndim == 1:
         src = src.reshape(1, -1)
+    if src.ndim == 3 and imatrix is not None and np.ndim(imatrix) == 2 and len(imatrix) > 1:
+        if len(imatrix) != len(src):
+            raise QuantError(f"importance matrix has {len(imatrix)} rows for {len(src)} experts")
+        out = out if out is not None else np.empty((src.shape[0] * src.shape[1], row_size(qtype, src.shape[2])),
+                                                   dtype=np.uint8)
+        rows = src.shape[1]
+        for e in range(len(src)):   # each expert with its own importance, as llama.cpp does
+            quantize(src[e], qtype, imatrix[e], threads, out[e * rows:(e + 1) * rows], validate)
+        return out
+    if src.ndim == 3:
+        src = src.reshape(-1, src.shape[-1])
     if src.ndim != 2:
         raise QuantError(f"can only quantize 1-D or 2-D arrays, got shape {tuple(data.shape)}")
     rows, cols = src.shape

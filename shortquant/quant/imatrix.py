@@ -283,6 +283,54 @@ def linear_gguf_names(model, block_map: Mapping[int, int] | None = None) -> dict
     return out
 
 
+def expert_gguf_names(model, block_map: Mapping[int, int] | None = None) -> dict[str, tuple[str, ...]]:
+    """HF module name -> GGUF names for the mixture-of-experts modules of a transformers 5 model:
+    ``...mlp.experts`` (3-D ``gate_up_proj`` / ``down_proj``) -> (ffn_gate_exps, ffn_up_exps,
+    ffn_down_exps); ``...mlp.gate`` (the router, not an ``nn.Linear``) -> (ffn_gate_inp,).
+    Blocks numbered as :func:`linear_gguf_names` numbers them."""
+    import torch
+
+    found = {}
+    for name, module in model.named_modules():
+        m = _LAYER_INDEX.search(name + ".")
+        if m is None:
+            continue
+        if name.endswith(".mlp.experts") and getattr(getattr(module, "gate_up_proj", None), "ndim", 0) == 3:
+            found[name] = (int(m.group(1)), ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        elif name.endswith(".mlp.gate") and not isinstance(module, torch.nn.Linear) and \
+                getattr(getattr(module, "weight", None), "ndim", 0) == 2:
+            found[name] = (int(m.group(1)), ("ffn_gate_inp",))
+    sources = sorted({src for src, _ in found.values()})
+    if block_map is None:
+        block_map = {src: blk for blk, src in enumerate(sources)}
+    return {name: tuple(f"blk.{block_map[src]}.{kind}.weight" for kind in kinds)
+            for name, (src, kinds) in found.items()}
+
+
+def _expert_hook(sums: dict, counts: dict, names: tuple[str, str, str]):
+    """A pre-hook on a transformers 5 experts module, called with (tokens, chosen experts, weights):
+    per expert, the squares of the tokens routed to it (gate and up read them) and of the
+    activations its down projection reads, as llama-imatrix's 3-D entries sum them."""
+    import torch
+
+    gate, up, down = names
+
+    def hook(module, args):
+        x, chosen = args[0].detach().float(), args[1]
+        for e in torch.unique(chosen).tolist():
+            rows = (chosen == e).any(dim=-1).nonzero().squeeze(-1)
+            xe = x[rows]
+            squares = (xe * xe).sum(dim=0).double()
+            sums[gate][e] += squares
+            sums[up][e] += squares
+            g, u = (xe @ module.gate_up_proj[e].float().T).chunk(2, dim=-1)
+            h = module.act_fn(g) * u
+            sums[down][e] += (h * h).sum(dim=0).double()
+            for n in names:
+                counts[n][e] += len(rows)
+    return hook
+
+
 def chunk_tokens(tokens: Sequence[int], *, ctx: int, chunks: int | None, bos_id: int | None) -> list[list[int]]:
     """Split tokens into llama-imatrix's chunks: consecutive ``ctx``-token windows, at most
     ``chunks`` of them, the first token of each replaced by BOS (when the vocabulary adds one).
@@ -328,7 +376,7 @@ def compute_imatrix(model, tokens: Sequence[int], *, ctx: int = 512, chunks: int
 
     windows = chunk_tokens(tokens, ctx=ctx, chunks=chunks, bos_id=bos_id)
     names = linear_gguf_names(model, block_map)
-    if not names:
+    if not names and not expert_gguf_names(model, block_map):
         raise QuantError("the model has no LLaMA-style block linear layers to collect statistics for")
     modules = dict(model.named_modules())
     sums = {g: torch.zeros(modules[hf].in_features, dtype=torch.float64) for hf, g in names.items()}
@@ -346,6 +394,19 @@ def compute_imatrix(model, tokens: Sequence[int], *, ctx: int = 512, chunks: int
         return hook
 
     handles = [modules[hf].register_forward_pre_hook(hook_for(g)) for hf, g in names.items()]
+    for hf, gguf_names in expert_gguf_names(model, block_map).items():   # mixture of experts
+        module = modules[hf]
+        if len(gguf_names) == 1:      # the router reads the block's normed input, like any linear
+            sums[gguf_names[0]] = torch.zeros(module.weight.shape[1], dtype=torch.float64)
+            counts[gguf_names[0]] = 0
+            handles.append(module.register_forward_pre_hook(hook_for(gguf_names[0])))
+            continue
+        n_expert, _, hidden = module.gate_up_proj.shape
+        width = module.down_proj.shape[-1]
+        for n, cols in zip(gguf_names, (hidden, hidden, width)):
+            sums[n] = torch.zeros((n_expert, cols), dtype=torch.float64)
+            counts[n] = np.zeros(n_expert, dtype=np.int64)
+        handles.append(module.register_forward_pre_hook(_expert_hook(sums, counts, gguf_names)))
     device = next(model.parameters()).device
     # the decoder alone: the block weights' inputs are all there, the logits are not needed
     body = model.get_decoder() if hasattr(model, "get_decoder") and model.get_decoder() is not None else model
@@ -361,9 +422,10 @@ def compute_imatrix(model, tokens: Sequence[int], *, ctx: int = 512, chunks: int
             h.remove()
         model.train(was_training)
 
-    result = Imatrix(
-        sums={n: s.to(torch.float32).numpy().reshape(1, -1) for n, s in sums.items() if counts[n]},
-        counts={n: np.array([c], dtype=np.float32) for n, c in counts.items() if c},
+    result = Imatrix(   # experts: one row and one count per expert
+        sums={n: s.to(torch.float32).numpy().reshape(np.size(counts[n]), -1) for n, s in sums.items()
+              if np.any(counts[n])},
+        counts={n: np.asarray(c, dtype=np.float32).reshape(-1) for n, c in counts.items() if np.any(c)},
         datasets=[dataset] if dataset else [],
         chunk_count=len(windows),
         chunk_size=ctx,

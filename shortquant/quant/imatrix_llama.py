@@ -96,6 +96,7 @@ class _Collector:
     def __init__(self):
         self.lib = _ggml()
         self.mul_mat = _op_number(self.lib, b"MUL_MAT")
+        self.mul_mat_id = _op_number(self.lib, b"MUL_MAT_ID")
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
         self.error: BaseException | None = None
@@ -127,6 +128,8 @@ class _Collector:
             return False
 
     def _wanted(self, tensor: GgmlTensor) -> bool:
+        if tensor.op == self.mul_mat_id:   # experts: every routed product, as llama-imatrix
+            return weight_name(tensor.src[0].contents.name).startswith("blk.")
         if tensor.op != self.mul_mat:
             return False
         src0, src1 = tensor.src[0].contents, tensor.src[1].contents
@@ -142,6 +145,8 @@ class _Collector:
     def _collect(self, tensor: GgmlTensor) -> None:
         src0, src1 = tensor.src[0].contents, tensor.src[1].contents
         name = weight_name(src0.name)
+        if tensor.op == self.mul_mat_id:
+            return self._collect_experts(name, int(src0.ne[2]), src1, tensor.src[2].contents)
         ne0 = int(src1.ne[0])
         rows = self._rows(src1)
         total = self._sum_squares(rows)
@@ -153,20 +158,53 @@ class _Collector:
         acc += total
         self.counts[name] = self.counts.get(name, 0) + len(rows)
 
+    def _collect_experts(self, name: str, n_expert: int, src1: GgmlTensor, ids: GgmlTensor) -> None:
+        """A routed product (MUL_MAT_ID): each token's activations, for each expert it was routed
+        to, summed into that expert's row; counts per expert (llama-imatrix's 3-D entries)."""
+        x = self._array(src1, ctypes.c_float)[0]        # (tokens, n_used or 1, cols)
+        chosen = self._array(ids, ctypes.c_int32, copy=True)[0, 0]   # (tokens, n_used)
+        if chosen.shape[0] != x.shape[0]:
+            raise QuantError(f"{name}: {chosen.shape[0]} routed tokens but {x.shape[0]} activation rows")
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= n_expert):
+            raise QuantError(f"{name}: llama.cpp routed to an expert outside 0..{n_expert - 1}")
+        slots = np.arange(chosen.shape[1]) % x.shape[1]  # gate/up see one row per token, down one per slot
+        squares = np.square(x[:, slots, :], dtype=np.float64).reshape(-1, x.shape[2])
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = np.zeros((n_expert, x.shape[2]), dtype=np.float64)
+            self.counts[name] = np.zeros(n_expert, dtype=np.int64)
+        elif acc.shape != (n_expert, x.shape[2]):
+            raise QuantError(f"inconsistent activation shape for {name} ({acc.shape} vs {(n_expert, x.shape[2])})")
+        np.add.at(acc, chosen.reshape(-1), squares)
+        self.counts[name] += np.bincount(chosen.reshape(-1), minlength=n_expert)
+
     def _rows(self, src1: GgmlTensor) -> np.ndarray:
         """src1 as (rows, cols) float32, read in place (copied off a device buffer if need be)."""
-        ne, nb = [int(v) for v in src1.ne], [int(v) for v in src1.nb]
-        if nb[0] != 4:
-            raise QuantError("llama.cpp handed over activations that are not float32 rows")
-        span = sum((n - 1) * b for n, b in zip(ne, nb)) + 4  # first to last element, in bytes
-        address = src1.data
-        if not self.lib.ggml_backend_buffer_is_host(src1.buffer):
-            if len(self._scratch) < span:
-                self._scratch = ctypes.create_string_buffer(span)
-            self.lib.ggml_backend_tensor_get(ctypes.addressof(src1), self._scratch, 0, span)
-            address = ctypes.addressof(self._scratch)
-        flat = np.ctypeslib.as_array((ctypes.c_float * (span // 4)).from_address(address))
-        return np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1]).reshape(-1, ne[0])
+        return self._array(src1, ctypes.c_float).reshape(-1, int(src1.ne[0]))
+
+    def _array(self, t: GgmlTensor, ctype, copy: bool = False) -> np.ndarray:
+        """A ggml tensor as a numpy array of shape ne[::-1] over its data (host memory read in
+        place unless ``copy``; a device buffer copied off)."""
+        ne, nb = [int(v) for v in t.ne], [int(v) for v in t.nb]
+        if nb[0] != ctypes.sizeof(ctype):
+            raise QuantError("llama.cpp handed over a tensor whose rows are not packed")
+        span = sum((n - 1) * b for n, b in zip(ne, nb)) + nb[0]  # first to last element, in bytes
+        address = t.data
+        if copy or not self.lib.ggml_backend_buffer_is_host(t.buffer):
+            scratch = ctypes.create_string_buffer(span) if copy else self._grow(span)
+            if self.lib.ggml_backend_buffer_is_host(t.buffer):
+                ctypes.memmove(scratch, t.data, span)
+            else:
+                self.lib.ggml_backend_tensor_get(ctypes.addressof(t), scratch, 0, span)
+            address = ctypes.addressof(scratch)
+        flat = np.ctypeslib.as_array((ctype * (span // nb[0])).from_address(address))
+        out = np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1])
+        return out.copy() if copy else out
+
+    def _grow(self, span: int):
+        if len(self._scratch) < span:
+            self._scratch = ctypes.create_string_buffer(span)
+        return self._scratch
 
     def _sum_squares(self, rows: np.ndarray) -> np.ndarray:
         """Column sums of squares; rows split over the threads (numpy releases the GIL)."""
@@ -232,9 +270,9 @@ def compute_imatrix_gguf(path, tokens, *, ctx: int = 512, chunks: int | None = N
     if not collector.sums:
         raise QuantError("llama.cpp evaluated the file without a single blk.* matrix product to collect",
                          path)
-    result = Imatrix(
-        sums={n: s.astype(np.float32).reshape(1, -1) for n, s in collector.sums.items()},
-        counts={n: np.array([c], dtype=np.float32) for n, c in collector.counts.items()},
+    result = Imatrix(   # experts: one row of sums and one count per expert
+        sums={n: s.astype(np.float32).reshape(np.size(collector.counts[n]), -1) for n, s in collector.sums.items()},
+        counts={n: np.asarray(c, dtype=np.float32).reshape(-1) for n, c in collector.counts.items()},
         datasets=[dataset] if dataset else [],
         chunk_count=len(windows),
         chunk_size=ctx,

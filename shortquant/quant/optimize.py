@@ -91,6 +91,9 @@ def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], option
     request: OptimizeRequest = options.optimize
     if options.overrides is not None and getattr(options.overrides, "pure", False):
         raise QuantError("--optimize and --pure contradict each other (--pure fixes every type)")
+    if plan.hparams.get("n_expert"):
+        raise QuantError("--optimize does not handle mixture-of-experts models yet (its probes rerun dense "
+                         "blocks); use a standard mix")
     has_imatrix = options.imatrix is not None
     targets = make_targets(plan, files, optimize=request.optimize, target_bpw=request.target_bpw,
                            target_size=request.target_size, out_dir=options.out_dir,
