@@ -113,3 +113,15 @@ def test_per_block_widths_are_refused_in_one_line(tmp_path):
     result = run("export", src, "--out", tmp_path / "out", "--pre", "llama-bpe", "-q", "f32", ok=False)
     assert result.exit_code == 2, result.output
     assert "the blocks differ (FFN widths differ (384..512))" in result.output and "nemotron" in result.output
+
+
+def test_torch_model_of_the_depth_pruned_folder_is_the_exported_one(exported, tmp_path):
+    """The torch model of the depth-pruned Nemotron folder (imatrix FOLDER, eval --base FOLDER):
+    built from the tensors, blocks renumbered, the gate-less MLP kept, it is the model exported."""
+    from shortquant.families.hf_model import load_torch_model
+
+    tmp, out = exported
+    model, files = out["depth-gaps"]
+    ours = load_torch_model(tmp / "depth-gaps")
+    ref = hf_logits(model, TOKENS)   # (built with eager attention; the loaded one with transformers' default)
+    assert np.abs(hf_logits(ours, TOKENS) - ref).max() < 1e-5 * np.abs(ref).max()
