@@ -235,3 +235,15 @@ def test_eval_against_the_pruned_hf_folder(exported):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     assert 0 <= data["files"][0]["kld"]["mean"] < 1e-4
+
+
+def test_optimize_refuses_experts_in_one_line(exported, tmp_path):
+    _, out = exported
+    src = out["qwen3moe-whole"][1]
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    result = run("export", src, "--out", tmp_path / "out", "--pre", "qwen2", "-q", "q4_k_m", "--optimize",
+                 "--calib", calib, ok=False)
+    assert result.exit_code == 2, result.output
+    assert "--optimize does not handle mixture-of-experts models yet" in result.output
+    assert not list((tmp_path / "out").glob("*.gguf"))
