@@ -68,6 +68,10 @@ def _source_options(f):
         click.option("--source-blocks", metavar="LIST",
                      help="Original block index of each stored block, e.g. '0-23,30,31' "
                           "(recorded in the GGUF as provenance)."),
+        click.option("--remove-blocks", metavar="LIST", expose_value=False, callback=_remember("remove_blocks"),
+                     help="Leave out these blocks (the indices in the checkpoint's tensor names), e.g. '12-14,25': "
+                          "the same file as exporting the checkpoint saved without them, with the original "
+                          "index of every kept block recorded. `shortquant prune` chooses them by measurement."),
         click.option("--chat-template", metavar="NAME",
                      help="Built-in chat template when the checkpoint has none (vicuna, llama-2, none)."),
         click.option("--name", metavar="TEXT", help="Model name to use instead of the folder name."),
@@ -108,6 +112,12 @@ def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
         except ValueError:
             raise click.BadParameter(f"{source_blocks!r} is not a list like '0-23,30,31'",
                                      param_hint="--source-blocks") from None
+    remove = click.get_current_context().meta.get("shortquant.remove_blocks")
+    if remove:
+        try:
+            extra["remove_blocks"] = parse_block_list(remove)
+        except ValueError:
+            raise click.BadParameter(f"{remove!r} is not a list like '12-14,25'", param_hint="--remove-blocks") from None
     pre = click.get_current_context().meta.get("shortquant.pre")
     pad_ffn = click.get_current_context().meta.get("shortquant.pad_ffn")
     return path, ExportOptions(recipe=load_recipe(recipe_name) if recipe_name else None,
@@ -344,8 +354,10 @@ def _register_stage_commands() -> None:
                     publish_command, verify_command):
         main.add_command(command)
     from .batch.commands import batch_command
+    from .prune.commands import prune_command
 
     main.add_command(batch_command)
+    main.add_command(_source_options(prune_command))   # prune reads its source as export does
 
 
 _register_stage_commands()

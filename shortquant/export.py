@@ -33,6 +33,8 @@ class ExportOptions:
     quants: tuple[str, ...] = ("f16",)
     out_dir: Path = Path("gguf")
     source_blocks: tuple[int, ...] | None = None   # original index of each stored block
+    remove_blocks: tuple[int, ...] | None = None   # stored blocks to leave out (--remove-blocks)
+    pruning_method: str | None = None              # how remove_blocks were chosen (for the GGUF and card)
     recipe: object | None = None                    # shortquant.recipes.Recipe
     chat_template: str | None = None                # built-in template name
     pre: str | None = None                          # llama.cpp BPE pre-tokenizer name, when not detected

@@ -30,6 +30,7 @@ class BlockMap:
     source_block_count: int | None
     provenance: str          # where ``original`` came from, for humans
     warnings: tuple[str, ...] = ()
+    method: str | None = None   # how the removed blocks were chosen, when this tool (or its --save-hf) knows
 
     @property
     def block_count(self) -> int:
@@ -95,11 +96,14 @@ def make_block_map(stored: Sequence[int], config_count: int | None, *,
                    source_blocks: Sequence[int] | None = None,
                    recipe_kept: Sequence[int] | None = None,
                    recipe_source_count: int | None = None,
-                   recipe_name: str | None = None) -> BlockMap:
+                   recipe_name: str | None = None,
+                   saved: dict | None = None) -> BlockMap:
     """Decide the block map from the stored indices, the config and any user-given provenance.
 
-    Precedence for original indices: ``--source-blocks``, then a recipe, then gaps in the
-    stored indices. A contiguous 0..N-1 range says nothing about what was removed.
+    Precedence for original indices: ``--source-blocks``, then a recipe, then the provenance a
+    checkpoint saved by ``prune --save-hf`` carries in its config (``saved``, see
+    :data:`CONFIG_PRUNING`), then gaps in the stored indices. A contiguous 0..N-1 range says
+    nothing about what was removed.
     """
     stored = tuple(sorted(stored))
     if not stored:
@@ -126,6 +130,9 @@ def make_block_map(stored: Sequence[int], config_count: int | None, *,
             raise LayoutError(f"recipe {recipe_name} keeps blocks {_ranges(original)} but the checkpoint "
                               f"stores blocks {_ranges(stored)}")
         return BlockMap(stored, original, recipe_source_count, f"from recipe {recipe_name}", tuple(warnings))
+    if saved is not None:
+        original, count, method = _read_saved(saved, n)
+        return BlockMap(stored, original, count, f"from config.json's {CONFIG_PRUNING}", tuple(warnings), method)
     if not contiguous:
         count = max(config_count or 0, stored[-1] + 1)
         known_count = count if (config_count and config_count > stored[-1]) else None
@@ -133,6 +140,83 @@ def make_block_map(stored: Sequence[int], config_count: int | None, *,
                         tuple(warnings))
     source_count = config_count if config_count and config_count > n else None
     return BlockMap(stored, None, source_count, "unknown; give --source-blocks or --recipe", tuple(warnings))
+
+
+# config.json key under which ``prune --save-hf`` records where the saved blocks came from, so that
+# exporting the saved checkpoint (even after retraining, which keeps unknown config keys) writes the
+# same provenance as ``export --remove-blocks`` of the original.
+CONFIG_PRUNING = "shortquant_pruning"
+
+# config.json fields that hold one entry per block (by position), and fields that list block indices
+_PER_BLOCK_LISTS = ("layer_types", "block_configs")
+_BLOCK_INDEX_LISTS = ("drop_attn_list", "drop_mlp_list", "mlp_only_layers")
+
+
+def remove_blocks(block_map: BlockMap, remove: Sequence[int], method: str | None = None) -> BlockMap:
+    """The block map once the stored blocks ``remove`` are left out (``--remove-blocks``).
+
+    The kept blocks keep their original indices (this checkpoint's own numbering when nothing
+    older is known), so the GGUF records where every block came from. A block the checkpoint
+    does not hold, or removing every block, is a LayoutError.
+    """
+    remove = tuple(sorted(set(int(i) for i in remove)))
+    missing = [i for i in remove if i not in block_map.stored]
+    if missing:
+        raise LayoutError(f"--remove-blocks names block {missing[0]}, but the checkpoint holds blocks "
+                          f"{_ranges(block_map.stored)}")
+    if len(remove) == block_map.block_count:
+        raise LayoutError(f"--remove-blocks would remove all {block_map.block_count} blocks")
+    keep = [n for n, s in enumerate(block_map.stored) if s not in remove]
+    if block_map.original is not None:
+        original, count = block_map.original, block_map.source_block_count
+    else:
+        original, count = block_map.stored, block_map.block_count
+    said = f"blocks {_ranges(remove)} removed with --remove-blocks"
+    method = method or "blocks removed by hand (--remove-blocks)"
+    return BlockMap(tuple(block_map.stored[n] for n in keep), tuple(original[n] for n in keep), count,
+                    f"{block_map.provenance}; {said}", block_map.warnings,
+                    f"{block_map.method}; then {method}" if block_map.method else method)
+
+
+def pruned_config(config: dict, stored: Sequence[int], kept: Sequence[int], block_map: BlockMap | None = None) -> dict:
+    """``config`` as it reads for a checkpoint saved with only the ``kept`` of its ``stored`` blocks,
+    renumbered 0..N-1: the block count, the per-block lists and the lists of block indices follow
+    the kept blocks; ``block_map`` (already pruned) adds the provenance key."""
+    stored, kept = list(stored), list(kept)
+    position = {s: n for n, s in enumerate(stored)}
+    new_index = {s: n for n, s in enumerate(kept)}
+    out = dict(config)
+    out["num_hidden_layers"] = len(kept)
+    for key in _PER_BLOCK_LISTS:
+        value = config.get(key)
+        if isinstance(value, list) and len(value) == len(stored):
+            out[key] = [value[position[s]] for s in kept]
+        elif isinstance(value, list) and len(value) > stored[-1]:   # indexed by the stored index
+            out[key] = [value[s] for s in kept]
+    for key in _BLOCK_INDEX_LISTS:
+        value = config.get(key)
+        if isinstance(value, list):
+            out[key] = [new_index[i] for i in value if i in new_index]
+    if block_map is not None and block_map.original is not None:
+        out[CONFIG_PRUNING] = {"source_blocks": list(block_map.original),
+                               "source_block_count": block_map.source_block_count,
+                               "method": block_map.method}
+    return out
+
+
+def _read_saved(saved, n: int) -> tuple[tuple[int, ...], int | None, str | None]:
+    """(original indices, source block count, method) from config.json's :data:`CONFIG_PRUNING`."""
+    what = f"config.json's {CONFIG_PRUNING}"
+    if not isinstance(saved, dict) or not isinstance(saved.get("source_blocks"), list):
+        raise LayoutError(f"{what} must be an object with a source_blocks list")
+    try:
+        original = _check_original(saved["source_blocks"], n, what)
+    except (TypeError, ValueError):
+        raise LayoutError(f"{what}: source_blocks must be whole numbers") from None
+    count, method = saved.get("source_block_count"), saved.get("method")
+    if count is not None and (not isinstance(count, int) or count <= max(original)):
+        raise LayoutError(f"{what}: source_block_count {count!r} does not cover source block {max(original)}")
+    return original, count, method if isinstance(method, str) else None
 
 
 def parse_block_list(text: str) -> tuple[int, ...]:

@@ -10,11 +10,14 @@ read once, and every check fails with a one-line error naming the folder, the bl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from shortquant.errors import LayoutError, WeightError
-from shortquant.layers import BlockMap, check_block_tensors, group_block_tensors, make_block_map
+from shortquant.layers import (CONFIG_PRUNING, BlockMap, check_block_tensors, group_block_tensors, make_block_map,
+                               pruned_config)
+from shortquant.layers import remove_blocks as remove_blocks_from
 from shortquant.plan import BlockShape
 
 from . import moe
@@ -65,14 +68,15 @@ def sub_block(suffix: str) -> str:
 
 
 def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequence[int] | None = None,
-                recipe=None) -> Layout:
+                recipe=None, remove_blocks: Sequence[int] | None = None, pruning_method: str | None = None) -> Layout:
     """The ``Layout`` of ``checkpoint`` (no weights read); ``source_blocks`` / ``recipe`` only say
-    where the blocks came from (``BlockMap.original``)."""
+    where the blocks came from (``BlockMap.original``). ``remove_blocks`` (stored indices): the
+    layout of the checkpoint saved without them, its config read as that checkpoint's would be
+    (``layout.checkpoint`` carries it; ``pruning_method`` says how they were chosen)."""
     if family is None:
         from . import find_family
         family = find_family(checkpoint)
     folder = checkpoint.folder
-    hp = family.hparams(checkpoint.config, folder / "config.json")
     table = {**family.block_tensors, **family.optional_block_tensors}
     try:
         blocks, others = group_block_tensors(checkpoint.tensors, family.block_prefix)
@@ -83,11 +87,17 @@ def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequ
             list(blocks), checkpoint.config.get("num_hidden_layers"), source_blocks=source_blocks,
             recipe_kept=recipe.kept_blocks if recipe else None,
             recipe_source_count=recipe.pruning.source_block_count if recipe else None,
-            recipe_name=recipe.name if recipe else None)
+            recipe_name=recipe.name if recipe else None, saved=checkpoint.config.get(CONFIG_PRUNING))
+        if remove_blocks:
+            full = block_map
+            block_map = remove_blocks_from(full, remove_blocks, pruning_method)
+            checkpoint = dataclasses.replace(checkpoint, config=pruned_config(checkpoint.config, full.stored,
+                                                                              block_map.stored))
     except LayoutError as exc:
         if exc.path is not None:
             raise
         raise LayoutError(str(exc), folder) from None
+    hp = family.hparams(checkpoint.config, folder / "config.json")
 
     embed, final_norm, lm_head = family.embed, family.final_norm, family.lm_head
     missing = [n for n in (embed, final_norm) if n not in checkpoint.tensors]

@@ -32,7 +32,10 @@ def gguf_name(kind: MODEL_TENSOR, block: int | None = None, suffix: str = "weigh
 
 def plan_model(family: Family, checkpoint, options) -> ModelPlan:
     """Plan the GGUF for ``checkpoint`` as ``family`` (no weights read)."""
-    layout = read_layout(checkpoint, family, source_blocks=options.source_blocks, recipe=options.recipe)
+    layout = read_layout(checkpoint, family, source_blocks=options.source_blocks, recipe=options.recipe,
+                         remove_blocks=getattr(options, "remove_blocks", None),
+                         pruning_method=getattr(options, "pruning_method", None))
+    checkpoint = layout.checkpoint   # with --remove-blocks: read as if saved without those blocks
     recipe, hp, blocks, block_map, shapes = options.recipe, dict(layout.hp), layout.blocks, layout.block_map, \
         layout.shapes
     table = {**family.block_tensors, **family.optional_block_tensors}
@@ -245,5 +248,9 @@ def provenance_metadata(block_map, recipe) -> list[MetaItem]:
         items.append(MetaItem(keys.SOURCE_BLOCK_COUNT, block_map.source_block_count, GGUFValueType.UINT32))
     if recipe is not None:
         items.append(MetaItem(keys.RECIPE, recipe.name, GGUFValueType.STRING))
-        items.append(MetaItem(keys.PRUNING_METHOD, recipe.pruning.method, GGUFValueType.STRING))
+    method = recipe.pruning.method if recipe is not None else None
+    if block_map.method:
+        method = f"{method}; then {block_map.method}" if method else block_map.method
+    if method:
+        items.append(MetaItem(keys.PRUNING_METHOD, method, GGUFValueType.STRING))
     return items

@@ -115,6 +115,15 @@ class _RowReader:
             np.copyto(out, raw, casting="unsafe")
         return out.reshape(shape)
 
+    def raw(self) -> bytes:
+        size = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"short read of {size} bytes")
+        return data
+
 
 _local = threading.local()
 

@@ -29,6 +29,11 @@ class TensorRef:
         """
         return self.reader(start, stop, buffer)
 
+    def raw_bytes(self) -> bytes:
+        """The stored bytes as they are (source dtype, little-endian, C order), for copying a
+        tensor unchanged (``prune --save-hf``)."""
+        return self.reader.raw()
+
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))

@@ -71,3 +71,8 @@ class _TensorReader:
         out = buffer[: rows.size].reshape(rows.shape)
         out[...] = rows
         return out
+
+    def raw(self) -> bytes:
+        import torch
+
+        return self.tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

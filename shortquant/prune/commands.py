@@ -1,0 +1,168 @@
+"""``shortquant prune``: measure, choose, print why, then export (and/or save) the pruned model."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from pathlib import Path
+
+import click
+
+from .criteria import CRITERIA
+from .search import Choice
+
+HOW = {"greedy": "greedy search on calibration PPL, checked against the one-shot choices on held-apart chunks",
+       "bi": "Block Influence (ShortGPT), one-shot",
+       "ppl": "PPL criterion (Shortened LLaMA), one-shot",
+       "taylor": "Taylor+ (Shortened LLaMA), one-shot"}
+
+
+@click.command("prune")
+@click.option("--remove", "-k", "count", type=click.IntRange(min=1), required=True, metavar="K",
+              help="How many blocks to remove.")
+@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
+              help="Calibration text (prose of the kind the model serves); never the text you evaluate on.")
+@click.option("--criterion", type=click.Choice(["greedy", *CRITERIA]), default="greedy", show_default=True,
+              help="How to choose: greedy (remove the cheapest, re-measure the rest), bi (ShortGPT Block "
+                   "Influence), ppl (each block removed alone), taylor (Taylor+ weight x gradient).")
+@click.option("--ctx", type=click.IntRange(min=8), default=256, show_default=True, help="Calibration chunk length.")
+@click.option("--chunks", type=click.IntRange(min=2), default=16, show_default=True,
+              help="At most this many calibration chunks.")
+@click.option("--held-apart", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Chunks kept apart from the search to check its steps and pick the final set "
+                   "[default: a quarter of the chunks].")
+@click.option("--pool", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Greedy tries only the N blocks cheapest by one-shot PPL (faster on deep models) "
+                   "[default: every block].")
+@click.option("--quant", "-q", "quants", multiple=True, metavar="TYPE",
+              help="Export the pruned model to this GGUF type (repeatable), as `export --remove-blocks` would.")
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("gguf"), show_default=True,
+              help="Folder for the GGUF files.")
+@click.option("--save-hf", type=click.Path(path_type=Path, file_okay=False),
+              help="Also write the pruned Hugging Face checkpoint here (safetensors + config), e.g. to retrain.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="Torch and quantization threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores, the choices and the files as JSON.")
+def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants, out_dir, save_hf, threads,
+                  quiet, as_json, **source):
+    """Choose K blocks of SOURCE to remove by measuring it on calibration text, then export it.
+
+    SOURCE is read as `export` reads it (the same --recipe, --source-blocks, --pre, ... options);
+    without it, the embedded demo model. Every block is scored by three criteria (ShortGPT's Block
+    Influence, the PPL of the model without it, Taylor+ importance); the default greedy search
+    removes one block at a time, re-measuring the rest, and its final set is checked against the
+    one-shot sets on calibration chunks the search never saw. Prints a ranked table per criterion,
+    each greedy step's PPL and the chosen set; with -q, exports the pruned model (the same file as
+    `export --remove-blocks`).
+
+    \b
+    Examples:
+      shortquant prune ./Llama-3.2-3B --remove 6 --calib calib.txt
+      shortquant prune ./Llama-3.2-3B --remove 6 --calib calib.txt -q q4_k_m -q q8_0 --out ./gguf
+      shortquant prune ./Llama-3.2-3B --remove 6 --calib calib.txt --criterion bi --save-hf ./pruned-hf
+    """
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from ..cli import _options_from
+    from ..errors import EvalError, LayoutError
+    from ..evaluate.perplexity import read_text
+    from ..export import make_model_plan
+    from ..families.hf_model import load_torch_model
+    from ..quant.imatrix import chunk_tokens
+    from ..source.checkpoint import open_checkpoint
+    from ..tokenizer.encode import encode_text
+    from .runner import BlockRunner
+    from .save_hf import check_target
+    from .search import check_count, measure
+
+    silent = quiet or as_json
+    path, options = _options_from(**source, quants=tuple(quants), out_dir=out_dir, threads=threads, quiet=silent)
+    if options.remove_blocks:
+        raise LayoutError("prune chooses the blocks itself; to remove given blocks use `export --remove-blocks`")
+    if save_hf is not None:
+        check_target(save_hf)
+    block_map = make_model_plan(open_checkpoint(path), options).block_map
+    check_count(count, block_map.block_count)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    text = read_text(calib)
+    ids, bos = encode_text(path, text)
+    pieces = chunk_tokens(ids, ctx=ctx, chunks=chunks, bos_id=bos) if len(ids) >= ctx else []
+    if len(pieces) < 2:
+        raise EvalError(f"the calibration text makes {len(pieces)} chunk(s) of --ctx {ctx}; at least 2 are needed "
+                        f"(one to search on, one held apart): give a longer text or a smaller --ctx", calib)
+    held = held_apart or max(1, len(pieces) // 4)
+    with tqdm(total=len(pieces), desc="reference pass", unit="chunk", disable=silent, leave=False) as bar:
+        runner = BlockRunner(load_torch_model(path), pieces, held, bar)
+    scores, choices = measure(runner, count, criterion, silent, pool)
+    chosen = choices[criterion] if criterion != "greedy" else choices["chosen"]
+    removed = tuple(block_map.stored[b] for b in chosen.removed)
+    calib_id = f"{calib.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    method = f"shortquant prune: {HOW[chosen.how]}; calibration {calib_id}"
+    del runner
+    gc.collect()
+
+    saved = None
+    if save_hf is not None:
+        from .save_hf import save_pruned_checkpoint
+
+        saved = save_pruned_checkpoint(path, removed, save_hf, method, options)
+    report = _print_choice(block_map, scores, choices, chosen, removed, runner_info=(len(pieces), held, ctx),
+                           as_json=as_json, quiet=quiet, saved=saved)
+    if quants:
+        from ..cli import _export_printer
+        from ..job import run_job
+
+        options = dataclasses.replace(options, remove_blocks=removed, pruning_method=method)
+        result = run_job(path, options, on_step=None if as_json else _export_printer(path, as_json, quiet))
+        report["files"] = [{"path": str(f.path), "type": f.type_label, "bytes": f.bytes} for f in result.report.files]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+def _print_choice(block_map, scores, choices, chosen: Choice, removed, runner_info, as_json, quiet, saved) -> dict:
+    n_chunks, held, ctx = runner_info
+    original = block_map.original or block_map.stored
+    report = {
+        "blocks": block_map.block_count, "chunks": n_chunks, "held_apart": held, "ctx": ctx,
+        "scores": {c: [round(v, 6) for v in s] for c, s in scores.items()},
+        "choices": {k: {"removed": [block_map.stored[b] for b in c.removed], "held_apart_ppl": round(c.held_ppl, 4),
+                        "steps": [{"block": block_map.stored[s.block], "search_ppl": round(s.search_ppl, 4),
+                                   "held_apart_ppl": round(s.held_ppl, 4)} for s in c.steps]}
+                    for k, c in choices.items() if k != "chosen"},
+        "chosen": {"how": chosen.how, "removed": list(removed), "held_apart_ppl": round(chosen.held_ppl, 4)},
+        "saved_hf": str(saved) if saved else None}
+    if as_json or quiet:
+        return report
+    ranks = {c: {b: r for r, b in enumerate(sorted(range(len(s)), key=lambda b: (s[b], b)), 1)}
+             for c, s in scores.items()}
+    click.echo(f"calibration: {n_chunks} chunks of {ctx} tokens, {held} held apart; lower score = cheaper to remove")
+    click.echo("| block | BI | rank | PPL without it | rank | Taylor | rank |")
+    click.echo("|---:|---:|---:|---:|---:|---:|---:|")
+    for b in range(block_map.block_count):
+        label = f"{block_map.stored[b]}" + (f" (orig {original[b]})" if original[b] != block_map.stored[b] else "")
+        click.echo(f"| {label} | {scores['bi'][b]:.4f} | {ranks['bi'][b]} | {scores['ppl'][b]:.3f} | "
+                   f"{ranks['ppl'][b]} | {scores['taylor'][b]:.4g} | {ranks['taylor'][b]} |")
+    greedy = choices.get("greedy")
+    if greedy is not None:
+        click.echo("\ngreedy steps (calibration PPL: search chunks / held-apart chunks):")
+        removed_so_far = []
+        for s in greedy.steps:
+            removed_so_far.append(block_map.stored[s.block])
+            click.echo(f"  remove {block_map.stored[s.block]:>3}  ->  {s.search_ppl:10.3f} / {s.held_ppl:10.3f}   "
+                       f"(removed {sorted(removed_so_far)})")
+    click.echo(f"\nheld-apart calibration PPL (full model {choices['none'].held_ppl:.3f}):")
+    for k, c in choices.items():
+        if k in ("chosen", "none"):
+            continue
+        mark = "  <- chosen" if c is chosen else ""
+        click.echo(f"  {k:<7} removes {[block_map.stored[b] for b in c.removed]}: {c.held_ppl:.3f}{mark}")
+    click.echo(f"\nremove blocks: {','.join(map(str, removed))}  ({HOW[chosen.how]})")
+    if saved:
+        click.echo(f"pruned checkpoint: {saved}")
+    return report

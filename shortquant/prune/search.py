@@ -1,0 +1,117 @@
+"""Choosing the set of blocks to remove.
+
+One-shot: a criterion's ``k`` cheapest blocks together (Taylor+ keeps the first four and the last
+two blocks out of the candidates, as Shortened LLaMA does, when enough others remain). One-shot
+scores ignore how removals interact: two blocks that each matter little can matter together.
+
+The default, ``greedy``, removes one block at a time: every remaining block is tried on top of
+those already removed, and the one whose removal gives the lowest calibration PPL (on the search
+chunks) goes. Then the greedy set and every one-shot set are measured on the held-apart chunks
+(calibration text the choosing never saw) and the lowest wins, so the default is never worse
+there than a one-shot choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..errors import QuantError
+from .criteria import CRITERIA
+from .runner import BlockRunner
+
+TAYLOR_PLUS_KEEP = (4, 2)   # first and last blocks Taylor+ never removes
+
+
+@dataclass
+class Step:
+    block: int
+    search_ppl: float
+    held_ppl: float
+
+
+@dataclass
+class Choice:
+    how: str                       # "greedy", "bi", "ppl", "taylor"
+    removed: tuple[int, ...]
+    held_ppl: float = float("nan")
+    steps: list[Step] = field(default_factory=list)
+
+
+def cheapest(scores: Sequence[float], k: int, protect: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
+    """The ``k`` lowest-scored blocks (ties: the lower index), leaving out the first/last
+    ``protect`` blocks when at least ``k`` others remain."""
+    n = len(scores)
+    first, last = protect
+    candidates = [b for b in range(n) if first <= b < n - last]
+    if len(candidates) < k:
+        candidates = list(range(n))
+    return tuple(sorted(sorted(candidates, key=lambda b: (scores[b], b))[:k]))
+
+
+def greedy_pool(ppl_scores: Sequence[float], k: int, size: int | None) -> list[int] | None:
+    """The ``size`` blocks cheapest by one-shot PPL (at least ``k``), or None for all."""
+    if size is None or size >= len(ppl_scores):
+        return None
+    return list(cheapest(ppl_scores, max(size, k)))
+
+
+def one_shot(criterion: str, scores: Sequence[float], k: int) -> tuple[int, ...]:
+    return cheapest(scores, k, TAYLOR_PLUS_KEEP if criterion == "taylor" else (0, 0))
+
+
+def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | None = None) -> Choice:
+    """Remove the block whose removal costs least, ``k`` times, re-measuring the rest each step.
+    ``pool``: the blocks to try (default: all)."""
+    removed: list[int] = []
+    steps = []
+    pool = list(range(runner.n_blocks)) if pool is None else sorted(pool)
+    for _ in range(k):
+        trials = {}
+        for b in pool:
+            if b not in removed:
+                trials[b] = runner.ppl([*removed, b], runner.search)
+                if progress is not None:
+                    progress.update(1)
+        best = min(trials, key=lambda b: (trials[b], b))
+        removed.append(best)
+        steps.append(Step(best, trials[best], runner.ppl(removed, runner.held)))
+    return Choice("greedy", tuple(sorted(removed)), steps[-1].held_ppl, steps)
+
+
+def check_count(k: int, n_blocks: int) -> None:
+    if not 0 < k < n_blocks:
+        raise QuantError(f"--remove {k}: the model has {n_blocks} blocks; remove from 1 to {n_blocks - 1}")
+
+
+def best_choice(runner: BlockRunner, choices: Sequence[Choice]) -> Choice:
+    """The choice with the lowest held-apart PPL (measured here when not yet); the first on ties."""
+    for c in choices:
+        if c.held_ppl != c.held_ppl:   # NaN: not measured yet
+            c.held_ppl = runner.ppl(c.removed, runner.held)
+    return min(choices, key=lambda c: c.held_ppl)
+
+
+def measure(runner, count: int, criterion: str, silent: bool, pool: int | None = None):
+    """Scores of every criterion, each criterion's one-shot set and (by default) the greedy one."""
+    from tqdm import tqdm
+
+    from .criteria import block_influence, one_shot_ppl, taylor
+
+    n = runner.n_blocks
+    scores = {"bi": block_influence(runner, runner.search)}
+    with tqdm(total=n, desc="ppl, one block removed", unit="block", disable=silent, leave=False) as bar:
+        scores["ppl"] = one_shot_ppl(runner, runner.search, bar)
+    with tqdm(total=n, desc="taylor gradients", unit="block", disable=silent, leave=False) as bar:
+        scores["taylor"] = taylor(runner, runner.search, bar)
+    choices: dict[str, Choice] = {c: Choice(c, one_shot(c, scores[c], count)) for c in CRITERIA}
+    if criterion == "greedy":
+        blocks = greedy_pool(scores["ppl"], count, pool)
+        total = sum(len(blocks or range(n)) - i for i in range(count))
+        with tqdm(total=total, desc="greedy search", unit="trial", disable=silent, leave=False) as bar:
+            choices["greedy"] = greedy(runner, count, bar, blocks)
+        choices["chosen"] = best_choice(runner, [choices["greedy"], *(choices[c] for c in CRITERIA)])
+    else:
+        best_choice(runner, list(choices.values()))   # measures each set's held-apart PPL for the table
+    choices["none"] = Choice("none", (), runner.ppl((), runner.held))
+    return scores, choices

@@ -1,0 +1,295 @@
+"""``export --remove-blocks`` and ``shortquant prune``.
+
+--remove-blocks must write the very bytes an export of the checkpoint saved without those blocks
+writes (each family, and a per-block DeciLM); the prune criteria must equal a direct transformers
+computation (hooks on a plain forward, the model with a block deleted, autograd over the whole
+model); the default search must do no worse on held-out text than the best one-shot criterion on
+the trained demo model; --save-hf must export to the same bytes as --remove-blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pruned
+from conftest import DEMO, DEMO_TOKENIZER
+from families import EVAL_TEXT, STYLES, build_family_model, make_bpe_tokenizer
+from shortquant import keys
+from shortquant.cli import main
+from shortquant.export import ExportOptions, export
+from shortquant.layers import CONFIG_PRUNING
+from test_bad_input import assert_one_line_error
+
+QUANTS = ("f16", "q8_0", "q4_k_m")
+FAMILIES = {   # name: (transformers family, tokenizer style, blocks, removed, overrides)
+    "llama": ("llama", "llama3", 5, (1, 4), dict(tie_word_embeddings=True)),
+    "qwen2": ("qwen2", "qwen2", 4, (0, 2), dict()),
+    "qwen3": ("qwen3", "qwen2", 4, (3,), dict(head_dim=128)),
+}
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [*map(str, args)])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.gguf"))}
+
+
+def copy_non_weights(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if not (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") or f.name == "config.json"):
+            shutil.copy(f, dst / f.name)
+
+
+def save_without(model, src: Path, dst: Path, remove, source_blocks, count, method, config_edit=None):
+    """The reference: ``model`` with the blocks deleted by hand, saved, with the provenance key."""
+    copy_non_weights(src, dst)
+    m = copy.deepcopy(model)
+    for i in sorted(remove, reverse=True):
+        del m.model.layers[i]
+    m.config.num_hidden_layers = len(m.model.layers)
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = [t for i, t in enumerate(m.config.layer_types) if i not in remove]
+    m.save_pretrained(dst)
+    config = json.loads((dst / "config.json").read_text())
+    config[CONFIG_PRUNING] = {"source_blocks": list(source_blocks), "source_block_count": count, "method": method}
+    if config_edit:
+        config_edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def assert_same_export(full: Path, saved: Path, remove, tmp: Path, extra=()):
+    run("export", full, "--out", tmp / "a", "--name", "Same", "--quiet", "--remove-blocks",
+        ",".join(map(str, remove)), *extra, *(a for q in QUANTS for a in ("-q", q)))
+    run("export", saved, "--out", tmp / "b", "--name", "Same", "--quiet", *extra,
+        *(a for q in QUANTS for a in ("-q", q)))
+    a, b = files_of(tmp / "a"), files_of(tmp / "b")
+    assert sorted(a) == sorted(b) and len(a) == len(QUANTS)
+    for name in a:
+        assert a[name] == b[name], name
+    return tmp / "a"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_blocks_writes_the_bytes_of_the_checkpoint_saved_pruned(tmp_path, family):
+    hf, style, n, remove, overrides = FAMILIES[family]
+    src = tmp_path / "full"
+    vocab = make_bpe_tokenizer(src, style)
+    model = build_family_model(hf, vocab, layers=n, hidden_size=256, intermediate_size=512, **overrides)
+    model.save_pretrained(src)
+    kept = [i for i in range(n) if i not in remove]
+    save_without(model, src, tmp_path / "saved", remove, kept, n, "blocks removed by hand (--remove-blocks)")
+    out = assert_same_export(src, tmp_path / "saved", remove, tmp_path, ("--pre", STYLES[style][5]))
+    reader = gguf.GGUFReader(next(out.glob("*-F16.gguf")))
+    assert list(reader.get_field(keys.SOURCE_BLOCKS).contents()) == kept
+    assert reader.get_field(keys.SOURCE_BLOCK_COUNT).contents() == n
+    assert "--remove-blocks" in reader.get_field(keys.PRUNING_METHOD).contents()
+
+
+def test_remove_blocks_of_a_per_block_deci_model(tmp_path):
+    model, src = pruned.decilm(tmp_path / "full")
+    remove = (0, 3)
+
+    def edit(config):
+        config["block_configs"] = [b for i, b in enumerate(pruned.DECILM_BLOCKS) if i not in remove]
+        config.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas")
+        config.pop("num_key_value_heads", None)
+        config.pop("intermediate_size", None)
+
+    save_without(model, src, tmp_path / "saved", remove, [1, 2], 4, "blocks removed by hand (--remove-blocks)", edit)
+    out = assert_same_export(src, tmp_path / "saved", remove, tmp_path, ("--pad-ffn", "0"))
+    reader = gguf.GGUFReader(next(out.glob("*-F16.gguf")))
+    assert reader.get_field("general.architecture").contents() == "deci"
+
+
+def test_remove_blocks_composes_with_known_provenance_and_the_card_says_so(tmp_path):
+    # the demo model is itself pruned (recipe: 6 of 8 blocks kept); removing stored blocks 1 and 4
+    # keeps the original indices of the rest
+    from shortquant.recipes import load_recipe
+
+    recipe = load_recipe("shortquant-demo")
+    out = tmp_path / "out"
+    run("export", "--remove-blocks", "1,4", "-q", "q8_0", "--out", out, "--card", "--quiet")
+    reader = gguf.GGUFReader(next(out.glob("*.gguf")))
+    kept = [b for i, b in enumerate(recipe.kept_blocks) if i not in (1, 4)]
+    assert list(reader.get_field(keys.SOURCE_BLOCKS).contents()) == kept
+    method = reader.get_field(keys.PRUNING_METHOD).contents()
+    assert method.startswith(recipe.pruning.method) and "--remove-blocks" in method
+
+
+@pytest.mark.parametrize("blocks, fragment", [("9", "names block 9"), ("0-5", "all 6 blocks"),
+                                              ("1-x", "is not a list")])
+def test_bad_remove_blocks_is_one_line(tmp_path, blocks, fragment):
+    result = run("export", "--remove-blocks", blocks, "--out", tmp_path / "out", "--quiet", ok=False)
+    assert_one_line_error(result, fragment)
+    assert not list((tmp_path / "out").glob("*.gguf")) if (tmp_path / "out").exists() else True
+
+
+# --- the criteria against transformers ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_runner():
+    from shortquant.families.hf_model import load_torch_model
+    from shortquant.prune.runner import BlockRunner
+    from shortquant.quant.imatrix import chunk_tokens
+    from shortquant.tokenizer.encode import encode_text
+
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    half = len(text) // 2
+    ids, bos = encode_text(DEMO, text[:half])
+    held_ids, _ = encode_text(DEMO, text[half:])
+    runner = BlockRunner(load_torch_model(DEMO), chunk_tokens(ids, ctx=128, chunks=8, bos_id=bos), held_apart=2)
+    heldout = BlockRunner(load_torch_model(DEMO), chunk_tokens(held_ids, ctx=128, chunks=6, bos_id=bos))
+    return runner, heldout
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(DEMO), dtype=torch.float32).eval()
+
+
+def search_chunks(runner):
+    return [runner.chunks[i] for i in runner.search.indices]
+
+
+def close(ours, theirs, rel=1e-4):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert math.isclose(a, b, rel_tol=rel), (ours, theirs)
+
+
+def test_block_influence_equals_hooks_on_a_transformers_forward(demo_runner, reference_model):
+    from shortquant.prune.criteria import block_influence
+
+    runner, _ = demo_runner
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, args, kwargs, out, b=b: seen.setdefault(b, []).append(
+        (kwargs.get("hidden_states", args[0] if args else None), out[0] if isinstance(out, tuple) else out)),
+        with_kwargs=True) for b, layer in enumerate(reference_model.model.layers)]
+    with torch.no_grad():
+        for chunk in search_chunks(runner):
+            reference_model(input_ids=chunk)
+    for h in hooks:
+        h.remove()
+    direct = []
+    for b in range(len(reference_model.model.layers)):
+        cos = torch.cat([torch.nn.functional.cosine_similarity(x[0], y[0], dim=-1) for x, y in seen[b]])
+        direct.append(float((1 - cos).mean()))
+    close(block_influence(runner, runner.search), direct)
+
+
+def direct_ppl(model, chunks) -> float:
+    total = count = 0.0
+    with torch.no_grad():
+        for chunk in chunks:
+            n = chunk.shape[1] - 1
+            total += float(model(input_ids=chunk, labels=chunk).loss) * n
+            count += n
+    return math.exp(total / count)
+
+
+def test_one_shot_ppl_equals_transformers_with_the_block_deleted(demo_runner, reference_model):
+    from shortquant.prune.criteria import one_shot_ppl
+
+    runner, _ = demo_runner
+    direct = []
+    for b in range(len(reference_model.model.layers)):
+        m = copy.deepcopy(reference_model)
+        del m.model.layers[b]
+        m.config.num_hidden_layers -= 1
+        direct.append(direct_ppl(m, search_chunks(runner)))
+    close(one_shot_ppl(runner, runner.search), direct)
+    close([runner.ppl({1, 4}, runner.search)], [direct_ppl(_without(reference_model, (1, 4)), search_chunks(runner))])
+
+
+def _without(model, remove):
+    m = copy.deepcopy(model)
+    for b in sorted(remove, reverse=True):
+        del m.model.layers[b]
+    return m
+
+
+def test_taylor_equals_autograd_over_the_whole_model(demo_runner, reference_model):
+    from shortquant.prune.criteria import taylor
+
+    runner, _ = demo_runner
+    m = copy.deepcopy(reference_model)
+    chunks = search_chunks(runner)
+    count = sum(c.shape[1] - 1 for c in chunks)
+    for chunk in chunks:
+        (m(input_ids=chunk, labels=chunk).loss * (chunk.shape[1] - 1) / count).backward()
+    direct = [float(sum((p.double() * p.grad.double()).abs().sum() for p in layer.parameters()))
+              for layer in m.model.layers]
+    close(taylor(runner, runner.search), direct)
+
+
+def test_greedy_is_never_worse_on_held_out_text_than_the_best_one_shot(demo_runner):
+    from shortquant.prune.search import measure
+
+    runner, heldout = demo_runner
+    scores, choices = measure(runner, 2, "greedy", silent=True)
+    one_shot = min(heldout.ppl(choices[c].removed, heldout.search) for c in ("bi", "ppl", "taylor"))
+    assert heldout.ppl(choices["chosen"].removed, heldout.search) <= one_shot
+    steps = choices["greedy"].steps
+    assert len(steps) == 2 and steps[0].search_ppl <= steps[1].search_ppl
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+def calib_file(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(EVAL_TEXT.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    return path
+
+
+def test_prune_exports_what_remove_blocks_exports_and_save_hf_too(tmp_path):
+    src = tmp_path / "full"
+    vocab = make_bpe_tokenizer(src, "llama3")
+    build_family_model("llama", vocab, layers=5, hidden_size=256, intermediate_size=512).save_pretrained(src)
+    result = run("prune", src, "--remove", "2", "--calib", calib_file(tmp_path), "--ctx", "64", "--chunks", "6",
+                 "-q", "q8_0", "--out", tmp_path / "pruned", "--save-hf", tmp_path / "hf", "--json")
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    removed = report["chosen"]["removed"]
+    assert len(removed) == 2 and set(report["choices"]) >= {"bi", "ppl", "taylor", "greedy"}
+    written = next((tmp_path / "pruned").glob("*.gguf"))
+    method = gguf.GGUFReader(written).get_field(keys.PRUNING_METHOD).contents()
+    assert method.startswith("shortquant prune: ") and "calib.txt" in method
+    options = dict(quants=("q8_0",), quiet=True, pre="llama-bpe")
+    again = export(src, ExportOptions(out_dir=tmp_path / "again", remove_blocks=tuple(removed),
+                                      pruning_method=method, **options))
+    assert again.files[0].path.read_bytes() == written.read_bytes()
+    # the saved checkpoint: num_hidden_layers fixed, the same GGUF under the same name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config[CONFIG_PRUNING]["method"] == method
+    a = export(src, ExportOptions(out_dir=tmp_path / "a", remove_blocks=tuple(removed), pruning_method=method,
+                                  name="Same", **options))
+    b = export(tmp_path / "hf", ExportOptions(out_dir=tmp_path / "b", name="Same", **options))
+    assert a.files[0].path.read_bytes() == b.files[0].path.read_bytes()
+
+
+def test_prune_bad_input_is_one_line(tmp_path):
+    calib = calib_file(tmp_path)
+    assert_one_line_error(run("prune", "--remove", "6", "--calib", calib, ok=False), "--remove 6", "6 blocks")
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.", encoding="utf-8")
+    assert_one_line_error(run("prune", "--remove", "1", "--calib", short, ok=False), "at least 2")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert_one_line_error(run("prune", "--remove", "1", "--calib", calib, "--ctx", "64", "--chunks", "3",
+                              "--save-hf", tmp_path / "full", ok=False), "not an empty folder")
