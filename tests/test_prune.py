@@ -27,6 +27,7 @@ from shortquant import keys
 from shortquant.cli import main
 from shortquant.export import ExportOptions, export
 from shortquant.layers import CONFIG_PRUNING
+from shortquant.publish.card import _ranges
 from test_bad_input import assert_one_line_error
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -129,20 +130,25 @@ def test_remove_blocks_composes_with_known_provenance_and_the_card_says_so(tmp_p
     assert list(reader.get_field(keys.SOURCE_BLOCKS).contents()) == kept
     method = reader.get_field(keys.PRUNING_METHOD).contents()
     assert method.startswith(recipe.pruning.method) and "--remove-blocks" in method
+    removed = sorted(set(range(recipe.pruning.source_block_count)) - set(kept))
+    card = (out / "README.md").read_text()
+    assert f"Removed blocks (0-based indices in the original model): {_ranges(removed)}" in card
+    assert "--remove-blocks" in card
 
 
-@pytest.mark.parametrize("blocks, fragment", [("9", "names block 9"), ("0-5", "all 6 blocks"),
-                                              ("1-x", "is not a list")])
+@pytest.mark.parametrize("blocks, fragment", [("9", "names block 9"), ("0-5", "all 6 blocks")])
 def test_bad_remove_blocks_is_one_line(tmp_path, blocks, fragment):
     result = run("export", "--remove-blocks", blocks, "--out", tmp_path / "out", "--quiet", ok=False)
     assert_one_line_error(result, fragment)
-    assert not list((tmp_path / "out").glob("*.gguf")) if (tmp_path / "out").exists() else True
+    assert not (tmp_path / "out").exists()
+    result = run("export", "--remove-blocks", "1-x", "--out", tmp_path / "out", ok=False)
+    assert result.exit_code == 2 and "is not a list" in result.output
 
 
 # --- the criteria against transformers ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def demo_runner():
+def demo_runners(chunks, held_apart):
+    """Runners on the demo model: calibration on the first half of the story text, held out the rest."""
     from shortquant.families.hf_model import load_torch_model
     from shortquant.prune.runner import BlockRunner
     from shortquant.quant.imatrix import chunk_tokens
@@ -152,9 +158,14 @@ def demo_runner():
     half = len(text) // 2
     ids, bos = encode_text(DEMO, text[:half])
     held_ids, _ = encode_text(DEMO, text[half:])
-    runner = BlockRunner(load_torch_model(DEMO), chunk_tokens(ids, ctx=128, chunks=8, bos_id=bos), held_apart=2)
-    heldout = BlockRunner(load_torch_model(DEMO), chunk_tokens(held_ids, ctx=128, chunks=6, bos_id=bos))
-    return runner, heldout
+    model = load_torch_model(DEMO)
+    return (BlockRunner(model, chunk_tokens(ids, ctx=128, chunks=chunks, bos_id=bos), held_apart=held_apart),
+            BlockRunner(model, chunk_tokens(held_ids, ctx=128, chunks=None, bos_id=bos)))
+
+
+@pytest.fixture(scope="module")
+def demo_runner():
+    return demo_runners(chunks=4, held_apart=1)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +210,7 @@ def direct_ppl(model, chunks) -> float:
     with torch.no_grad():
         for chunk in chunks:
             n = chunk.shape[1] - 1
-            total += float(model(input_ids=chunk, labels=chunk).loss) * n
+            total += float(model(input_ids=chunk, labels=chunk, use_cache=False).loss) * n
             count += n
     return math.exp(total / count)
 
@@ -208,12 +219,8 @@ def test_one_shot_ppl_equals_transformers_with_the_block_deleted(demo_runner, re
     from shortquant.prune.criteria import one_shot_ppl
 
     runner, _ = demo_runner
-    direct = []
-    for b in range(len(reference_model.model.layers)):
-        m = copy.deepcopy(reference_model)
-        del m.model.layers[b]
-        m.config.num_hidden_layers -= 1
-        direct.append(direct_ppl(m, search_chunks(runner)))
+    direct = [direct_ppl(_without(reference_model, (b,)), search_chunks(runner))
+              for b in range(len(reference_model.model.layers))]
     close(one_shot_ppl(runner, runner.search), direct)
     close([runner.ppl({1, 4}, runner.search)], [direct_ppl(_without(reference_model, (1, 4)), search_chunks(runner))])
 
@@ -222,6 +229,7 @@ def _without(model, remove):
     m = copy.deepcopy(model)
     for b in sorted(remove, reverse=True):
         del m.model.layers[b]
+    m.config.num_hidden_layers = len(m.model.layers)
     return m
 
 
@@ -234,15 +242,15 @@ def test_taylor_equals_autograd_over_the_whole_model(demo_runner, reference_mode
     count = sum(c.shape[1] - 1 for c in chunks)
     for chunk in chunks:
         (m(input_ids=chunk, labels=chunk).loss * (chunk.shape[1] - 1) / count).backward()
-    direct = [float(sum((p.double() * p.grad.double()).abs().sum() for p in layer.parameters()))
+    direct = [float(sum((p.detach().double() * p.grad.double()).abs().sum() for p in layer.parameters()))
               for layer in m.model.layers]
     close(taylor(runner, runner.search), direct)
 
 
-def test_greedy_is_never_worse_on_held_out_text_than_the_best_one_shot(demo_runner):
+def test_greedy_is_never_worse_on_held_out_text_than_the_best_one_shot():
     from shortquant.prune.search import measure
 
-    runner, heldout = demo_runner
+    runner, heldout = demo_runners(chunks=None, held_apart=6)   # every chunk: 26 of 128 tokens
     scores, choices = measure(runner, 2, "greedy", silent=True)
     one_shot = min(heldout.ppl(choices[c].removed, heldout.search) for c in ("bi", "ppl", "taylor"))
     assert heldout.ppl(choices["chosen"].removed, heldout.search) <= one_shot
@@ -262,7 +270,8 @@ def test_prune_exports_what_remove_blocks_exports_and_save_hf_too(tmp_path):
     src = tmp_path / "full"
     vocab = make_bpe_tokenizer(src, "llama3")
     build_family_model("llama", vocab, layers=5, hidden_size=256, intermediate_size=512).save_pretrained(src)
-    result = run("prune", src, "--remove", "2", "--calib", calib_file(tmp_path), "--ctx", "64", "--chunks", "6",
+    result = run("prune", src, "--pre", "llama-bpe", "--remove", "2", "--calib", calib_file(tmp_path), "--ctx", "64",
+                 "--chunks", "6",
                  "-q", "q8_0", "--out", tmp_path / "pruned", "--save-hf", tmp_path / "hf", "--json")
     report = json.loads(result.stdout[result.stdout.index("{"):])
     removed = report["chosen"]["removed"]

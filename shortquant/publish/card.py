@@ -436,6 +436,10 @@ def _what_section(models, recipe, meta) -> list[str]:
         method = recipe.pruning.method
         removed = list(recipe.removed_blocks)
         count = recipe.pruning.source_block_count
+        if source_blocks is not None and list(source_blocks) != list(recipe.kept_blocks):
+            # more blocks removed than the release did (export --remove-blocks, prune): the file says which
+            method = first.get(keys.PRUNING_METHOD) or method
+            removed = sorted(set(range(count)) - {int(i) for i in source_blocks})
     else:
         lines.append("GGUF files converted and quantized with shortquant for llama.cpp and compatible runtimes.")
         method = first.get(keys.PRUNING_METHOD)
