@@ -247,6 +247,7 @@ def test_taylor_equals_autograd_over_the_whole_model(demo_runner, reference_mode
     close(taylor(runner, runner.search), direct)
 
 
+@pytest.mark.slow   # the whole search on every chunk of the text: minutes on a loaded machine
 def test_greedy_is_never_worse_on_held_out_text_than_the_best_one_shot():
     from shortquant.prune.search import measure
 
