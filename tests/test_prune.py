@@ -30,7 +30,7 @@ from shortquant.layers import CONFIG_PRUNING
 from shortquant.publish.card import _ranges
 from test_bad_input import assert_one_line_error
 
-QUANTS = ("f16", "q8_0", "q4_k_m")
+QUANTS = ("f16", "q4_k_m")
 FAMILIES = {   # name: (transformers family, tokenizer style, blocks, removed, overrides)
     "llama": ("llama", "llama3", 5, (1, 4), dict(tie_word_embeddings=True)),
     "qwen2": ("qwen2", "qwen2", 4, (0, 2), dict()),
@@ -147,7 +147,7 @@ def test_bad_remove_blocks_is_one_line(tmp_path, blocks, fragment):
 
 # --- the criteria against transformers ------------------------------------------------------------
 
-def demo_runners(chunks, held_apart):
+def demo_runners(chunks, held_apart, ctx=128):
     """Runners on the demo model: calibration on the first half of the story text, held out the rest."""
     from shortquant.families.hf_model import load_torch_model
     from shortquant.prune.runner import BlockRunner
@@ -159,13 +159,13 @@ def demo_runners(chunks, held_apart):
     ids, bos = encode_text(DEMO, text[:half])
     held_ids, _ = encode_text(DEMO, text[half:])
     model = load_torch_model(DEMO)
-    return (BlockRunner(model, chunk_tokens(ids, ctx=128, chunks=chunks, bos_id=bos), held_apart=held_apart),
+    return (BlockRunner(model, chunk_tokens(ids, ctx=ctx, chunks=chunks, bos_id=bos), held_apart=held_apart),
             BlockRunner(model, chunk_tokens(held_ids, ctx=128, chunks=None, bos_id=bos)))
 
 
 @pytest.fixture(scope="module")
 def demo_runner():
-    return demo_runners(chunks=4, held_apart=1)
+    return demo_runners(chunks=3, held_apart=1, ctx=96)
 
 
 @pytest.fixture(scope="module")
@@ -270,13 +270,13 @@ def calib_file(tmp_path) -> Path:
 def test_prune_exports_what_remove_blocks_exports_and_save_hf_too(tmp_path):
     src = tmp_path / "full"
     vocab = make_bpe_tokenizer(src, "llama3")
-    build_family_model("llama", vocab, layers=5, hidden_size=256, intermediate_size=512).save_pretrained(src)
-    result = run("prune", src, "--pre", "llama-bpe", "--remove", "2", "--calib", calib_file(tmp_path), "--ctx", "64",
-                 "--chunks", "6",
+    build_family_model("llama", vocab, layers=3, hidden_size=256, intermediate_size=512).save_pretrained(src)
+    result = run("prune", src, "--pre", "llama-bpe", "--remove", "1", "--calib", calib_file(tmp_path), "--ctx", "32",
+                 "--chunks", "3",
                  "-q", "q8_0", "--out", tmp_path / "pruned", "--save-hf", tmp_path / "hf", "--json")
     report = json.loads(result.stdout[result.stdout.index("{"):])
     removed = report["chosen"]["removed"]
-    assert len(removed) == 2 and set(report["choices"]) >= {"bi", "ppl", "taylor", "greedy"}
+    assert len(removed) == 1 and set(report["choices"]) >= {"bi", "ppl", "taylor", "greedy"}
     written = next((tmp_path / "pruned").glob("*.gguf"))
     method = gguf.GGUFReader(written).get_field(keys.PRUNING_METHOD).contents()
     assert method.startswith("shortquant prune: ") and "calib.txt" in method
@@ -286,7 +286,7 @@ def test_prune_exports_what_remove_blocks_exports_and_save_hf_too(tmp_path):
     assert again.files[0].path.read_bytes() == written.read_bytes()
     # the saved checkpoint: num_hidden_layers fixed, the same GGUF under the same name
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["num_hidden_layers"] == 3 and config[CONFIG_PRUNING]["method"] == method
+    assert config["num_hidden_layers"] == 2 and config[CONFIG_PRUNING]["method"] == method
     a = export(src, ExportOptions(out_dir=tmp_path / "a", remove_blocks=tuple(removed), pruning_method=method,
                                   name="Same", **options))
     b = export(tmp_path / "hf", ExportOptions(out_dir=tmp_path / "b", name="Same", **options))
