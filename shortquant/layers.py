@@ -178,13 +178,16 @@ def remove_blocks(block_map: BlockMap, remove: Sequence[int], method: str | None
                     f"{block_map.method}; then {method}" if block_map.method else method)
 
 
-def pruned_config(config: dict, stored: Sequence[int], kept: Sequence[int], block_map: BlockMap | None = None) -> dict:
-    """``config`` as it reads for a checkpoint saved with only the ``kept`` of its ``stored`` blocks,
-    renumbered 0..N-1: the block count, the per-block lists and the lists of block indices follow
-    the kept blocks; ``block_map`` (already pruned) adds the provenance key."""
+def pruned_config(config: dict, stored: Sequence[int], kept: Sequence[int], block_map: BlockMap | None = None,
+                  renumber: bool = True) -> dict:
+    """``config`` as it reads for a checkpoint saved with only the ``kept`` of its ``stored`` blocks:
+    the block count and the per-block lists follow the kept blocks; the lists and tables keyed by
+    block index keep only the kept blocks, renumbered 0..N-1 (``renumber``, as saved) or under
+    their stored indices (the view export plans from, whose block map still names them so);
+    ``block_map`` (already pruned) adds the provenance key."""
     stored, kept = list(stored), list(kept)
     position = {s: n for n, s in enumerate(stored)}
-    new_index = {s: n for n, s in enumerate(kept)}
+    index = {s: (n if renumber else s) for n, s in enumerate(kept)}
     out = dict(config)
     out["num_hidden_layers"] = len(kept)
     for key in _PER_BLOCK_LISTS:
@@ -196,7 +199,11 @@ def pruned_config(config: dict, stored: Sequence[int], kept: Sequence[int], bloc
     for key in _BLOCK_INDEX_LISTS:
         value = config.get(key)
         if isinstance(value, list):
-            out[key] = [new_index[i] for i in value if i in new_index]
+            out[key] = [index[i] for i in value if isinstance(i, int) and i in index]
+    table = config.get("per_layer_config")   # transformers' sparse per-layer overrides, keyed by index
+    if isinstance(table, dict) and renumber:
+        out["per_layer_config"] = {str(index[int(k)]): v for k, v in table.items()
+                                   if str(k).isdigit() and int(k) in index}
     if block_map is not None and block_map.original is not None:
         out[CONFIG_PRUNING] = {"source_blocks": list(block_map.original),
                                "source_block_count": block_map.source_block_count,

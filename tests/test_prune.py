@@ -303,3 +303,16 @@ def test_prune_bad_input_is_one_line(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     assert_one_line_error(run("prune", "--remove", "1", "--calib", calib, "--ctx", "64", "--chunks", "3",
                               "--save-hf", tmp_path / "full", ok=False), "not an empty folder")
+
+
+def test_remove_blocks_of_an_llm_drop_model_keeps_its_drop_lists_right(tmp_path):
+    # LLM-Drop's drop_attn_list / drop_mlp_list name blocks by index: removing block 2 must leave
+    # them naming the same blocks (renumbered in the saved checkpoint)
+    model, src = pruned.llm_drop(tmp_path / "full")
+
+    def edit(config):
+        config.update(drop_attn_list=[0], drop_mlp_list=[1, 3])
+
+    save_without(model, src, tmp_path / "saved", (2,), [0, 1, 3, 4], 5, "blocks removed by hand (--remove-blocks)",
+                 edit)
+    assert_same_export(src, tmp_path / "saved", (2,), tmp_path, ("--pad-ffn", "0"))

@@ -92,7 +92,7 @@ def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequ
             full = block_map
             block_map = remove_blocks_from(full, remove_blocks, pruning_method)
             checkpoint = dataclasses.replace(checkpoint, config=pruned_config(checkpoint.config, full.stored,
-                                                                              block_map.stored))
+                                                                              block_map.stored, renumber=False))
     except LayoutError as exc:
         if exc.path is not None:
             raise
