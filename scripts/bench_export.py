@@ -288,7 +288,8 @@ def shortquant_export(name: str, src: Path, quants, out: Path, threads: int, log
 FLOOR_CODE = r"""
 import json, sys, time
 import numpy as np
-from shortquant.export import Piece, load_piece, make_model_plan, ExportOptions
+from shortquant.export import make_model_plan, ExportOptions
+from shortquant.stream import Piece, load_piece
 from shortquant.source.checkpoint import open_checkpoint
 from shortquant.quant.ggml import quantize
 from shortquant.quant.mixes import choose_types

@@ -183,12 +183,13 @@ def test_names_and_size_label(tmp_path, small_tokenizer):
 def test_piecewise_conversion_gives_identical_files(tmp_path, small_tokenizer, monkeypatch):
     """Reading rows in small pieces (whole heads for Q/K) writes the very same bytes."""
     import shortquant.export as export_module
+    import shortquant.stream as stream
 
     _, src = make(tmp_path, small_tokenizer, num_attention_heads=8, num_key_value_heads=2)
     whole = export(src, tmp_path / "whole", "f32", "q8_0")
-    monkeypatch.setattr(export_module, "CHUNK_VALUES", 1000)
+    monkeypatch.setattr(stream, "CHUNK_VALUES", 1000)
     plan = export_module.make_model_plan(export_module.open_checkpoint(src), export_module.ExportOptions())
-    pieces = export_module.pieces(plan)
+    pieces = stream.pieces(plan)
     q_pieces = [p for p in pieces if p.tensor.name == "blk.0.attn_q.weight"]
     assert len(q_pieces) > 1 and all((p.stop - p.start) % 8 == 0 for p in q_pieces)   # head_dim 8
     piecewise = export(src, tmp_path / "pieces", "f32", "q8_0")

@@ -186,7 +186,8 @@ def test_probe_swaps_back_exactly(tiny, texts, tmp_path, layout):
     import shutil
 
     from checkpoints import edit_config, rename_layers
-    from shortquant.export import ExportOptions, Piece, load_piece, make_model_plan
+    from shortquant.export import ExportOptions, make_model_plan
+    from shortquant.stream import Piece, load_piece
     from shortquant.quant.imatrix import chunk_tokens
     from shortquant.quant.probe import Prober, hf_name
     from shortquant.tokenizer.encode import encode_text

@@ -300,7 +300,7 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
     """Errors of every candidate type of every tensor, and each tensor's sensitivity."""
     from tqdm import tqdm
 
-    from ..export import Piece, load_piece
+    from ..stream import Piece, load_piece
 
     fixed_plan = plan_file(plan, "q8_0", Path("."), require_imatrix=False)
     dist = cut_distance(plan)
@@ -554,7 +554,7 @@ class MixVerifier:
 
     def measure(self, types: dict[str, T], which: slice) -> float:
         """Calibration KLD of the model with every tensor decoded from ``types``."""
-        from ..export import Piece, load_piece
+        from ..stream import Piece, load_piece
         from .ggml import dequantize, quantize
 
         for t in self.plan.tensors:
