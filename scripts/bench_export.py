@@ -8,7 +8,7 @@ GNU time, or wait4 where it is missing):
 
   (a) shortquant export SRC --quant q4_k_m
   (b) convert_hf_to_gguf.py SRC --outtype f16, then llama-quantize F16 -> Q4_K_M
-  (c) the floor: ggml's kernels alone (shortquant.quant.ggml.quantize) over every tensor with
+  (c) the floor: ggml's kernels alone (shortquant.ggml.quantize) over every tensor with
       the types q4_k_m picks, each tensor loaded into memory before its clock starts
   (d) a ladder q8_0 + q6_k + q4_k_m + q2_k in one export, against convert once + 4 quantizes
 
@@ -291,7 +291,7 @@ import numpy as np
 from shortquant.export import make_model_plan, ExportOptions
 from shortquant.stream import Piece, load_piece
 from shortquant.source.checkpoint import open_checkpoint
-from shortquant.quant.ggml import quantize
+from shortquant.ggml import quantize
 from shortquant.quant.mixes import choose_types
 
 src, quant, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])

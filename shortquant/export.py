@@ -200,7 +200,7 @@ def write_files(checkpoint: Checkpoint, plan: ModelPlan, files: Sequence[FilePla
     """
     from tqdm import tqdm
 
-    from .quant.ggml import quantize
+    from .ggml import quantize
     from .quant.types import is_quantized
 
     writers: dict[str, GGUFFileWriter] = {}

@@ -272,7 +272,7 @@ def _validate_data(path: Path, spans, error) -> None:
     """ggml's check of every tensor's bytes, read in chunks of whole rows."""
     import numpy as np
 
-    from .quant.ggml import validate_row_data
+    from .ggml import validate_row_data
 
     with open(path, "rb") as fh:
         for start, end, name, qtype, row_bytes in sorted(spans):

@@ -91,7 +91,7 @@ def test_split_export_loads_with_same_logits(tmp_path, demo):
 
 def test_one_failed_type_leaves_the_others(tmp_path, monkeypatch):
     """A ladder where one type fails mid-way: the others are finished, the failure is named."""
-    import shortquant.quant.ggml as ggml
+    import shortquant.ggml as ggml
     from shortquant.errors import QuantError
 
     real = ggml.quantize

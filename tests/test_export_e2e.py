@@ -199,7 +199,7 @@ def test_piecewise_conversion_gives_identical_files(tmp_path, small_tokenizer, m
 
 def test_interrupt_leaves_no_file(tmp_path, small_tokenizer, monkeypatch):
     """Ctrl-C in the middle of writing: no file under the final name, no .part left."""
-    import shortquant.quant.ggml as ggml
+    import shortquant.ggml as ggml
 
     _, src = make(tmp_path, small_tokenizer)
     real, calls = ggml.quantize, []

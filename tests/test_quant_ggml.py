@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from shortquant.errors import BackendError, QuantError
-from shortquant.quant import ggml
+from shortquant import ggml
 
 T = gguf.GGMLQuantizationType
 pytest.importorskip("llama_cpp")
@@ -71,8 +71,10 @@ def test_one_dimensional_and_out(weights):
 
 
 def test_requires_imatrix():
-    assert ggml.requires_imatrix(T.IQ2_XXS) and ggml.requires_imatrix(T.IQ3_XXS) and ggml.requires_imatrix(T.IQ1_M)
-    assert not ggml.requires_imatrix(T.Q4_K) and not ggml.requires_imatrix(T.IQ4_XS)
+    from shortquant.quant.types import requires_imatrix
+
+    assert requires_imatrix(T.IQ2_XXS) and requires_imatrix(T.IQ3_XXS) and requires_imatrix(T.IQ1_M)
+    assert not requires_imatrix(T.Q4_K) and not requires_imatrix(T.IQ4_XS)
     assert ggml.kernel_requires_imatrix(T.IQ2_XS) and not ggml.kernel_requires_imatrix(T.IQ3_XXS)
 
 

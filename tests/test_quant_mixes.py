@@ -45,7 +45,7 @@ class LlamaTypeOracle:
     def __init__(self):
         from llama_cpp import llama_cpp as L
 
-        from shortquant.quant import ggml
+        from shortquant import ggml
 
         self.L = L
         lib, base = L._lib, ggml._load()

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
-from shortquant.quant.ggml import quantize
+from shortquant.ggml import quantize
 from shortquant.quant.imatrix import Imatrix, read_imatrix, write_imatrix
 from shortquant.quant.mixes import choose_types
 from shortquant.quant.types import parse_quant

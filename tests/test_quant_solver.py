@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from shortquant.quant.ggml import dequantize, quantize
+from shortquant.ggml import dequantize, quantize
 from shortquant.quant.solver import BudgetTooSmall, Option, solve, total
 from shortquant.transforms import permute_rotary, unpermute_rotary
 

@@ -57,7 +57,7 @@ GgmlTensor._fields_ = [
 
 
 def _ggml() -> ctypes.CDLL:
-    from .ggml import library_path
+    from ..ggml import library_path
 
     lib = ctypes.CDLL(str(library_path()))
     lib.ggml_tensor_overhead.restype = ctypes.c_size_t

@@ -555,7 +555,7 @@ class MixVerifier:
     def measure(self, types: dict[str, T], which: slice) -> float:
         """Calibration KLD of the model with every tensor decoded from ``types``."""
         from ..stream import Piece, load_piece
-        from .ggml import dequantize, quantize
+        from ..ggml import dequantize, quantize
 
         for t in self.plan.tensors:
             qtype = types[t.name]

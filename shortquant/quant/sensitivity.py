@@ -27,7 +27,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .ggml import dequantize, quantize
+from ..ggml import dequantize, quantize
 from .types import IMATRIX_REQUIRED_TYPES, is_quantized
 
 # Types the optimizer may give a tensor, smallest first: the K types and the two IQ types that

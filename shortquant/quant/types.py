@@ -145,3 +145,17 @@ def is_quantized(qtype: T) -> bool:
 def file_type_requires_imatrix(spec: QuantSpec) -> bool:
     """True when llama.cpp would refuse this quant without an importance matrix."""
     return spec.default_type in IMATRIX_REQUIRED_TYPES or spec.file_type == F.MOSTLY_Q2_K_S
+
+
+def requires_imatrix(qtype: T) -> bool:
+    """True when llama.cpp refuses to quantize a weight to ``qtype`` without an importance matrix.
+
+    This is llama.cpp's policy (IQ1/IQ2 types and IQ3_XXS), wider than the kernel's own check.
+    llama.cpp exempts the token embedding and output tensors; so does the mix engine.
+
+    >>> import gguf; requires_imatrix(gguf.GGMLQuantizationType.IQ3_XXS)
+    True
+    """
+    from ..ggml import kernel_requires_imatrix
+
+    return qtype in IMATRIX_REQUIRED_TYPES or kernel_requires_imatrix(qtype)

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import BackendError, QuantError
-from .types import IMATRIX_REQUIRED_TYPES
+from .errors import BackendError, QuantError
 
 # Functions we need; a libggml-base without any of them is too old for us.
 _REQUIRED_SYMBOLS = (
@@ -176,18 +175,6 @@ def row_size(qtype: GGMLQuantizationType, n_per_row: int) -> int:
 def kernel_requires_imatrix(qtype: GGMLQuantizationType) -> bool:
     """True when ggml's kernel itself cannot run without an importance matrix (it would abort)."""
     return bool(_check_type(qtype).ggml_quantize_requires_imatrix(int(qtype)))
-
-
-def requires_imatrix(qtype: GGMLQuantizationType) -> bool:
-    """True when llama.cpp refuses to quantize a weight to ``qtype`` without an importance matrix.
-
-    This is llama.cpp's policy (IQ1/IQ2 types and IQ3_XXS), wider than the kernel's own check.
-    llama.cpp exempts the token embedding and output tensors; so does the mix engine.
-
-    >>> import gguf; requires_imatrix(gguf.GGMLQuantizationType.IQ3_XXS)
-    True
-    """
-    return qtype in IMATRIX_REQUIRED_TYPES or kernel_requires_imatrix(qtype)
 
 
 def validate_row_data(qtype: GGMLQuantizationType, data: np.ndarray) -> bool:
