@@ -154,7 +154,8 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
         click.echo(json.dumps(info, indent=2) if as_json else describe_file(info))
         return
     from .export import make_model_plan
-    from .plan import describe, plan_as_dict, plan_file
+    from .plan import describe, plan_as_dict
+    from .quant.mixes import plan_file
     from .quant.types import parse_quants
     from .source.checkpoint import open_checkpoint
 

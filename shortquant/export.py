@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import GGUFError, OutputError, QuantError, ShortquantError, SourceError
 from .gguf_out import GGUFFileWriter
-from .plan import FilePlan, ModelPlan, plan_file
+from .plan import FilePlan, ModelPlan
+from .quant.mixes import plan_file
 from .resources import DEMO_RECIPE, demo_model, is_demo_model
 from .source.checkpoint import Checkpoint, open_checkpoint
 from .stream import WriteBehind, load_piece, pieces, read_ahead

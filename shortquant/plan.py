@@ -2,7 +2,8 @@
 
 A ``ModelPlan`` says what the model becomes (architecture, metadata, block map, tokenizer and,
 for every tensor, its GGUF name, source and transform). A ``FilePlan`` adds one output type:
-the tensor types and the file name. Both are plain values: ``shortquant inspect`` prints them,
+the tensor types and the file name (``quant.mixes.plan_file`` makes one, beside the rules it
+runs). Both are plain values: ``shortquant inspect`` prints them,
 tests check them, and the stream/writer stages only carry them out.
 """
 
@@ -193,35 +194,6 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
-
-
-def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix: bool = False,
-              require_imatrix: bool = True) -> FilePlan:
-    """Choose every tensor's type for one output type and name the file.
-
-    ``require_imatrix=False`` plans a type that needs an importance matrix without one
-    (to show the plan; writing it still needs the imatrix).
-
-    >>> from shortquant.export import ExportOptions, make_model_plan
-    >>> from shortquant.recipes import load_recipe
-    >>> from shortquant.resources import demo_model
-    >>> from shortquant.source.checkpoint import open_checkpoint
-    >>> options = ExportOptions(recipe=load_recipe("shortquant-demo"))
-    >>> plan = make_model_plan(open_checkpoint(demo_model()), options)
-    >>> plan_file(plan, "q4_k_m", Path("gguf")).path.name
-    'Shortquant-Demo-5.0M-stories-Q4_K_M.gguf'
-    """
-    from .quant.mixes import choose_types
-    from .quant.types import parse_quant
-
-    spec = quant if not isinstance(quant, str) else parse_quant(quant)
-    hp = plan.hparams
-    types = choose_types([(t.name, t.shape) for t in plan.tensors], quant=spec, n_layer=hp["n_layer"],
-                         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], n_expert=hp.get("n_expert", 0),
-                         overrides=overrides,
-                         has_imatrix=has_imatrix, arch=plan.arch, require_imatrix=require_imatrix)
-    return FilePlan(quant=spec.name, type_label=spec.label, file_type=spec.file_type, tensor_types=types,
-                    path=Path(out_dir) / plan.naming.file_name(spec.label))
 
 
 def plan_as_dict(plan: ModelPlan, files: list[FilePlan] = ()) -> dict[str, Any]:

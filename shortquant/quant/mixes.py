@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from ..errors import QuantError
+from ..plan import FilePlan, ModelPlan
 from .types import IMATRIX_REQUIRED_TYPES, QuantSpec, is_quantized, parse_quant, parse_tensor_type
 
 # ---------------------------------------------------------------------------------------------
@@ -488,3 +490,29 @@ def _mix_type(table: Mix, ctx: _Context, role: str, name: str, shape: tuple[int,
     if role in (ATTN_V, FFN_DOWN) or (role in (FFN_GATE, FFN_UP) and ctx.spec.name not in _VERY_LOW):
         counters[role] += 1
     return chosen
+
+
+def plan_file(plan: ModelPlan, quant, out_dir: Path, overrides=None, has_imatrix: bool = False,
+              require_imatrix: bool = True) -> FilePlan:
+    """Choose every tensor's type for one output type and name the file.
+
+    ``require_imatrix=False`` plans a type that needs an importance matrix without one
+    (to show the plan; writing it still needs the imatrix).
+
+    >>> from shortquant.export import ExportOptions, make_model_plan
+    >>> from shortquant.recipes import load_recipe
+    >>> from shortquant.resources import demo_model
+    >>> from shortquant.source.checkpoint import open_checkpoint
+    >>> options = ExportOptions(recipe=load_recipe("shortquant-demo"))
+    >>> plan = make_model_plan(open_checkpoint(demo_model()), options)
+    >>> plan_file(plan, "q4_k_m", Path("gguf")).path.name
+    'Shortquant-Demo-5.0M-stories-Q4_K_M.gguf'
+    """
+    spec = quant if not isinstance(quant, str) else parse_quant(quant)
+    hp = plan.hparams
+    types = choose_types([(t.name, t.shape) for t in plan.tensors], quant=spec, n_layer=hp["n_layer"],
+                         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], n_expert=hp.get("n_expert", 0),
+                         overrides=overrides, has_imatrix=has_imatrix, arch=plan.arch,
+                         require_imatrix=require_imatrix)
+    return FilePlan(quant=spec.name, type_label=spec.label, file_type=spec.file_type, tensor_types=types,
+                    path=Path(out_dir) / plan.naming.file_name(spec.label))

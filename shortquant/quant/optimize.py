@@ -39,8 +39,8 @@ from gguf import GGUFValueType
 
 from .. import keys
 from ..errors import QuantError
-from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan, plan_file
-from .mixes import OUTPUT, TOKEN_EMBD, QuantOverrides, tensor_role
+from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan
+from .mixes import OUTPUT, TOKEN_EMBD, QuantOverrides, plan_file, tensor_role
 from .sensitivity import candidate_types, roundtrip, tensor_errors
 from .solver import BudgetTooSmall, Option, solve
 from .types import QuantSpec, is_quantized, parse_quant
