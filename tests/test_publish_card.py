@@ -13,7 +13,8 @@ from huggingface_hub import ModelCard
 from publish_helpers import make_gguf, make_results
 from shortquant.chat_templates import VICUNA_SYSTEM_PROMPT, chat_template
 from shortquant.errors import PublishError
-from shortquant.publish.card import card_metadata, find_models, write_card
+from shortquant.gguf_info import find_models
+from shortquant.publish.card import card_metadata, write_card
 from shortquant.publish.split import split_gguf
 from shortquant.recipes import list_recipes, load_recipe
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from shortquant.errors import PublishError
-from shortquant.publish.split import parse_size, parse_split_name, split_gguf, split_name, split_parts
+from shortquant.gguf_info import parse_split_name, split_name, split_parts
+from shortquant.publish.split import parse_size, split_gguf
 
 SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
               gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)

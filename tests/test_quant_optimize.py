@@ -85,7 +85,7 @@ def test_optimize_q4_k_m(tiny, texts, tmp_path, monkeypatch):
         for change in changes:
             name, qtype = change.split("=")
             assert types[name] == qtype
-        from shortquant.publish.card import read_gguf
+        from shortquant.gguf_info import read_gguf
 
         assert read_gguf(written.path).type == "Q4_K_M_OPT"   # the card lists it as a variant
         import json

@@ -16,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
 from shortquant import keys
+from shortquant.gguf_info import GGUFFile, find_models, parse_split_name
 from shortquant.errors import PublishError
 from shortquant.partfiles import write_atomic
 from shortquant.publish.modelfile import modelfile_name, template_family
-from shortquant.publish.split import parse_split_name, split_parts
 from shortquant.recipes import Recipe, RecipeError, load_recipe
 
 DEFAULT_QUANTIZED_BY = "shortquant"
@@ -80,92 +79,6 @@ def type_note(type_name: str) -> str:
         return (f"a measured variant of {type_name[:-4]}: each tensor's type chosen by measuring this model, "
                 "within a byte budget (shortquant export --optimize)")
     return TYPE_NOTES.get(type_name) or f"llama.cpp type {type_name}; see the measured columns"
-
-
-@dataclass
-class GGUFFile:
-    """One model in the folder: a single GGUF file or a split set (``parts``)."""
-
-    parts: list[Path]
-    metadata: dict
-    n_params: int
-    tensor_bytes: int
-    type: str
-    sizes: list[int] = field(default_factory=list)
-
-    @property
-    def path(self) -> Path:
-        return self.parts[0]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def bpw(self) -> float:
-        return self.tensor_bytes * 8 / self.n_params if self.n_params else 0.0
-
-    @property
-    def is_split(self) -> bool:
-        return len(self.parts) > 1
-
-    def get(self, key: str, default=None):
-        return self.metadata.get(key, default)
-
-
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Metadata, parameter count and type of one GGUF (for a split set, pass its first part).
-
-    >>> read_gguf("out/m-Q8_0.gguf").type       # doctest: +SKIP
-    'Q8_0'
-    """
-    path = Path(path)
-    parts = split_parts(path)
-    metadata: dict = {}
-    n_params = tensor_bytes = 0
-    type_counts: dict[str, int] = {}
-    for index, part in enumerate(parts):
-        if not part.is_file():
-            raise PublishError(f"split part missing: {part.name}", part.parent)
-        from shortquant.gguf_check import read_gguf_checked
-
-        reader = read_gguf_checked(part, PublishError)   # counts checked first; one line for any damage
-        if index == 0:
-            metadata = {name: f.contents() for name, f in reader.fields.items()
-                        if not name.startswith("GGUF.")}
-        for tensor in reader.tensors:
-            n_params += int(tensor.n_elements)
-            tensor_bytes += int(tensor.n_bytes)
-            if len(tensor.shape) >= 2:
-                type_counts[tensor.tensor_type.name] = type_counts.get(tensor.tensor_type.name, 0) + 1
-    file_type = metadata.get(gguf.Keys.General.FILE_TYPE)
-    if file_type is not None:
-        try:
-            type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            type_name = str(file_type)
-    else:
-        type_name = max(type_counts, key=type_counts.get) if type_counts else "?"
-    if keys.OPTIMIZE_BUDGET in metadata:   # a measured mix: a variant of its file type, named so
-        type_name += "_OPT"
-    return GGUFFile(parts=parts, metadata=metadata, n_params=n_params, tensor_bytes=tensor_bytes,
-                    type=type_name, sizes=[p.stat().st_size for p in parts])
-
-
-def find_models(outdir: str | Path) -> list[GGUFFile]:
-    """Every model in ``outdir``: single files and split sets (by their first part), by size."""
-    outdir = Path(outdir)
-    firsts = []
-    for path in sorted(outdir.glob("*.gguf")):
-        parsed = parse_split_name(path)
-        if parsed is None or parsed[1] == 0:
-            firsts.append(path)
-    models = [read_gguf(p) for p in firsts]
-    return sorted(models, key=lambda m: (-m.bytes, m.name))
 
 
 def sha256_file(path: str | Path, progress=None) -> str:

@@ -124,7 +124,7 @@ def modelfile_text(gguf_name: str, family: str | None) -> str:
     An unknown family gets no TEMPLATE: ollama then picks a template from the GGUF's own
     ``tokenizer.chat_template``; no template at all means plain completion.
     """
-    from shortquant.publish.split import parse_split_name
+    from shortquant.gguf_info import parse_split_name
 
     lines = [f"FROM ./{gguf_name}", ""]
     if parse_split_name(gguf_name):
@@ -161,7 +161,7 @@ def write_modelfiles(outdir: str | Path, gguf_files: list[Path] | None = None) -
 
         >>> write_modelfiles("out/st-vicuna")     # doctest: +SKIP
     """
-    from shortquant.publish.split import parse_split_name
+    from shortquant.gguf_info import parse_split_name
 
     outdir = Path(outdir)
     if gguf_files is None:

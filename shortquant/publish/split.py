@@ -31,12 +31,12 @@ from pathlib import Path
 import gguf
 
 from shortquant.errors import OutputError, PublishError
+from shortquant.gguf_info import split_name
 
 GGUF_VERSION = 3
 CHUNK = 64 * 1024 * 1024
 _SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
                gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 
 
@@ -56,38 +56,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise PublishError(f"size must be positive, got {text!r}")
     return value
-
-
-def split_name(prefix: str | Path, index: int, count: int) -> Path:
-    """The file name of part ``index`` (0-based) of ``count``.
-
-    >>> split_name("out/m-Q4_K_M", 0, 3).name
-    'm-Q4_K_M-00001-of-00003.gguf'
-    """
-    prefix = Path(prefix)
-    return prefix.with_name(f"{prefix.name}-{index + 1:05d}-of-{count:05d}.gguf")
-
-
-def parse_split_name(path: str | Path) -> tuple[str, int, int] | None:
-    """``(prefix, index, count)`` of a split part's name (index 0-based), or None.
-
-    >>> parse_split_name("m-Q8_0-00002-of-00003.gguf")
-    ('m-Q8_0', 1, 3)
-    """
-    match = _SPLIT_NAME.match(Path(path).name)
-    if not match:
-        return None
-    return match.group("prefix"), int(match.group("no")) - 1, int(match.group("count"))
-
-
-def split_parts(first: str | Path) -> list[Path]:
-    """All parts of the split set whose first part is ``first`` (which must exist)."""
-    first = Path(first)
-    parsed = parse_split_name(first)
-    if parsed is None:
-        return [first]
-    prefix, _, count = parsed
-    return [split_name(first.with_name(prefix), i, count) for i in range(count)]
 
 
 def _pad(n: int, align: int) -> int:
