@@ -15,6 +15,9 @@ and builds only the targets asked for, into a cache folder that is never committ
 
     python scripts/llama_cpp_tools.py llama-quantize llama-perplexity   # build from the shell
 
+Cross-checks that only use a tool already built (the tests) look it up with :func:`cached_tool`
+and run ``llama-perplexity`` through :func:`run_llama_perplexity` / :func:`run_llama_kld`.
+
 A build that already has the binaries is reused, also one made by another helper (any
 ``build/bin`` under ``~/.cache/shortquant`` or ``/tmp/llsrc`` configured from the same version).
 If another cmake build is running, this waits for it instead of compiling the same sources twice.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +35,12 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # run as a script from a checkout: shortquant beside scripts/
+    sys.path.append(str(REPO))
+
+from shortquant.resources import cache_root  # noqa: E402
 
 DEFAULT_TARGETS = ("llama-quantize", "llama-perplexity")
 LOCAL_SOURCES = Path("/tmp/llsrc")  # where a session may already have unpacked the sdist
@@ -78,11 +88,6 @@ def installed_version() -> str:
     import llama_cpp
 
     return llama_cpp.__version__
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SHORTQUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shortquant"))
 
 
 def default_cache(version: str) -> Path:
@@ -231,6 +236,55 @@ def ensure_tools(targets=DEFAULT_TARGETS, cache: str | Path | None = None, jobs:
             raise RuntimeError(f"{build}: the build finished without {target}")
         tools.binaries[target] = path
     return tools
+
+
+def cached_tool(version: str | None = None, name: str = "llama-perplexity") -> Path | None:
+    """The llama.cpp tool ``name`` (llama-perplexity, llama-imatrix, ...) already built for the
+    installed llama-cpp-python (by :func:`ensure_tools`, or into the older
+    ``llama-perplexity-<version>`` folder), or None; builds nothing."""
+    version = version or installed_version()
+    builds = candidate_builds(version, default_cache(version)) + [cache_root() / f"llama-perplexity-{version}" / "build"]
+    return next((path for path in (_binary(build, name) for build in builds) if path), None)
+
+
+# The lines of llama-perplexity's output the cross-checks read.
+FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+KLD_MEAN = re.compile(r"Mean\s+KLD:\s+(-?[0-9.]+) ±\s+([0-9.]+)")
+SAME_TOP = re.compile(r"Same top p:\s+([0-9.]+) ±")
+
+
+def _run(cmd: list[str], wanted: re.Pattern) -> str:
+    for _attempt in range(3):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        # llama.cpp logs from a worker thread; now and then its last lines are lost at exit
+        if wanted.search(output) or proc.returncode != 0:
+            break
+    if proc.returncode != 0 or not wanted.search(output):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}): {' / '.join(tail)}")
+    return output
+
+
+def run_llama_perplexity(tool: str | Path, model: str | Path, text: str | Path, ctx: int,
+                         threads: int | None = None, extra: list[str] | None = None) -> tuple[float, float]:
+    """Run llama-perplexity and return the (PPL, error) of its "Final estimate" line."""
+    cmd = [str(tool), "-m", str(model), "-f", str(text), "-c", str(ctx)]
+    cmd += ["-t", str(threads)] if threads else []
+    found = FINAL.search(_run(cmd + (extra or []), FINAL))
+    return float(found.group(1)), float(found.group(2))
+
+
+def run_llama_kld(tool: str | Path, model: str | Path, base: str | Path, text: str | Path, ctx: int,
+                  logits_file: str | Path, threads: int | None = None) -> dict:
+    """llama-perplexity's KL-divergence mode: {"mean", "err", "same_top1"} of model vs base."""
+    common = ["-f", str(text), "-c", str(ctx), "--kl-divergence-base", str(logits_file)]
+    common += ["-t", str(threads)] if threads else []
+    _run([str(tool), "-m", str(base), *common], FINAL)
+    output = _run([str(tool), "-m", str(model), *common, "--kl-divergence"], SAME_TOP)
+    mean = KLD_MEAN.search(output)
+    return {"mean": float(mean.group(1)), "err": float(mean.group(2)),
+            "same_top1": float(SAME_TOP.search(output).group(1)) / 100}
 
 
 def main() -> int:

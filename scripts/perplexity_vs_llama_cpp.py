@@ -2,13 +2,11 @@
 """Compare shortquant's perplexity with llama.cpp's own llama-perplexity on one file + text.
 
 Builds llama-perplexity from the installed llama-cpp-python's source package the first time
-(pip download of the sdist, cmake build of that one target; several minutes on 2 cores) and
-caches it under ~/.cache/shortquant/llama-perplexity-<version>/. Then runs both and prints
-both "Final estimate" lines.
+(scripts/llama_cpp_tools.py: the sdist, a cmake build of that one target; several minutes on 2
+cores), cached under ~/.cache/shortquant/llama.cpp-<version>/. Then runs both and prints both
+"Final estimate" lines.
 
     python scripts/perplexity_vs_llama_cpp.py model.gguf --text wiki.test.raw --ctx 512
-    python scripts/perplexity_vs_llama_cpp.py stories260K.gguf --ctx 128 \
-        --source /tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp   # build from a local tree
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shortquant.evaluate.llama_tools import build_tool, cached_tool, run_llama_perplexity
+from llama_cpp_tools import cached_tool, ensure_tools, run_llama_perplexity   # beside this script
 from shortquant.evaluate.perplexity import DEFAULT_TEXT, open_for_eval, perplexity, read_text
 
 
@@ -26,11 +24,10 @@ def main() -> int:
     parser.add_argument("--text", default=str(DEFAULT_TEXT), help="evaluation text (default: built-in)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--source", help="llama.cpp source folder to build from (skips pip download)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel build jobs")
     args = parser.parse_args()
 
-    tool = cached_tool() or build_tool(args.source, jobs=args.jobs)
+    tool = cached_tool() or ensure_tools(("llama-perplexity",), jobs=args.jobs).binaries["llama-perplexity"]
     ref_ppl, ref_err = run_llama_perplexity(tool, args.model, args.text, args.ctx, args.threads)
     with open_for_eval(args.model, args.ctx, args.threads) as model:
         ours = perplexity(model, read_text(args.text), args.ctx)

@@ -241,11 +241,12 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model --target-bpw 4.5 --calib calib.txt
     """
     from .job import JobSteps, run_job
-    from .publish.split import parse_size
+    from .errors import PublishError
+    from .sizes import parse_size
     from .quant.mixes import QuantOverrides
 
     if split_max_size:
-        parse_size(split_max_size)   # a bad size fails before any work
+        parse_size(split_max_size, PublishError, "--split-max-size")   # a bad size fails before any work
 
     overrides = QuantOverrides.parse(output_type=output_type, embedding_type=embedding_type, pure=pure,
                                      tensor_types=list(tensor_types))
@@ -272,7 +273,8 @@ def _is_default(param: str) -> bool:
 def _optimize_request(optimize: bool, target_bpw, target_size, calib):
     """--optimize / --target-bpw / --target-size / --calib as an OptimizeRequest (or None)."""
     from .errors import QuantError
-    from .quant.optimize import OptimizeRequest, parse_target_size
+    from .quant.optimize import OptimizeRequest
+    from .sizes import parse_size
 
     wanted = optimize or target_bpw is not None or target_size is not None
     if not wanted:
@@ -281,7 +283,7 @@ def _optimize_request(optimize: bool, target_bpw, target_size, calib):
         return None
     if calib is None:
         raise QuantError("--optimize, --target-bpw and --target-size need a calibration text: --calib FILE")
-    size = parse_target_size(target_size) if target_size is not None else None
+    size = parse_size(target_size, QuantError, "--target-size") if target_size is not None else None
     return OptimizeRequest(calib=calib, optimize=optimize, target_bpw=target_bpw, target_size=size)
 
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 
 from .errors import GGUFError, OutputError, QuantError, ShortquantError, SourceError
 from .gguf_out import GGUFFileWriter
+from .hub import is_hub_id
 from .plan import FilePlan, ModelPlan
 from .quant.mixes import plan_file
 from .resources import DEMO_RECIPE, demo_model, is_demo_model
@@ -269,8 +269,6 @@ def _bar_label(files: Sequence[FilePlan]) -> str:
     return f"export {', '.join(labels)}" if len(labels) <= 4 else f"export {len(labels)} types"
 
 
-# A hub id: "org/name", nothing else (a local path would exist or contain more separators).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.jinja"]
 
 
@@ -292,7 +290,7 @@ def resolve_source(source: str | None) -> tuple[Path, str | None]:
         return demo_model(), DEMO_RECIPE
     if path.exists():
         return path, _known_recipe(path.resolve().name)
-    if _HUB_ID.match(source):
+    if is_hub_id(source):   # not a local path: org/name, nothing else
         return download(source), _known_recipe(source)
     raise SourceError("no such folder", path)
 

@@ -77,9 +77,11 @@ def run_job(source: Path, options: ExportOptions, steps: JobSteps = JobSteps(),
 def split_large_files(files: Sequence[ExportedFile], max_size: str | int, *,
                       progress: bool = True) -> dict[Path, list[Path]]:
     """Replace each file over ``max_size`` by its split parts; its ``path`` becomes the first part."""
-    from .publish.split import parse_size, split_gguf
+    from .errors import PublishError
+    from .publish.split import split_gguf
+    from .sizes import parse_size
 
-    limit = parse_size(max_size)
+    limit = parse_size(max_size, PublishError, "--split-max-size")
     splits = {}
     for f in files:
         if f.bytes <= limit:

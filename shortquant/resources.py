@@ -1,4 +1,5 @@
-"""Where the files shipped beside the code are: the embedded demo model and the recipes.
+"""Where the files shipped beside the code are (the embedded demo model, the recipes) and where
+shortquant keeps what it caches (:func:`cache_root`).
 
 They live in the repository's top-level ``models/`` folder, which the build installs as the
 package ``shortquant.models`` (``setup.py`` maps the folder). Reading them through
@@ -13,6 +14,7 @@ editable install, from any working directory.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -47,3 +49,10 @@ def is_demo_model(path: Path) -> bool:
         return demo.is_dir() and Path(path).is_dir() and Path(path).samefile(demo)
     except OSError:
         return False
+
+
+def cache_root() -> Path:
+    """Where shortquant caches (base log-probs, built llama.cpp tools): ``$SHORTQUANT_CACHE``, else
+    ``$XDG_CACHE_HOME/shortquant``, else ``~/.cache/shortquant``."""
+    return Path(os.environ.get("SHORTQUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shortquant"))

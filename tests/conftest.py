@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))   # llama_cpp_tools for the cross-checks
 
 from checkpoints import SHARED_SKIP, shared_fixture  # noqa: E402
 from shortquant.resources import demo_model  # noqa: E402

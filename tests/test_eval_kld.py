@@ -194,13 +194,13 @@ def test_gguf_llama_cpp_cannot_load_gives_its_reason_on_one_line(tmp_path):
 
 
 def test_same_kld_as_llama_perplexity(quants, tmp_path):
-    """Runs only where scripts/perplexity_vs_llama_cpp.py has built and cached the tool."""
-    from shortquant.evaluate.llama_tools import cached_tool, run_llama_kld
+    """Runs only where scripts/llama_cpp_tools.py has built llama-perplexity (cached)."""
+    from llama_cpp_tools import cached_tool, run_llama_kld
     from shortquant.evaluate.perplexity import DEFAULT_TEXT
 
     tool = cached_tool()
     if tool is None:
-        pytest.skip("no cached llama-perplexity build (run scripts/perplexity_vs_llama_cpp.py)")
+        pytest.skip("no cached llama-perplexity build (python scripts/llama_cpp_tools.py llama-perplexity)")
     ref = run_llama_kld(tool, quants["q4_0"], quants["f32"], DEFAULT_TEXT, CTX, tmp_path / "base.kld",
                         threads=1)
     from shortquant.evaluate.runner import evaluate_files

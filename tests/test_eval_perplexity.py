@@ -104,13 +104,13 @@ def test_text_shorter_than_two_chunks_is_refused(tmp_path, model):
 
 
 def test_same_number_as_llama_perplexity(model):
-    """Runs only where scripts/perplexity_vs_llama_cpp.py has built and cached the tool."""
-    from shortquant.evaluate.llama_tools import cached_tool, run_llama_perplexity
+    """Runs only where scripts/llama_cpp_tools.py has built llama-perplexity (cached)."""
+    from llama_cpp_tools import cached_tool, run_llama_perplexity
     from shortquant.evaluate.perplexity import open_for_eval, perplexity
 
     tool = cached_tool()
     if tool is None:
-        pytest.skip("no cached llama-perplexity build (run scripts/perplexity_vs_llama_cpp.py)")
+        pytest.skip("no cached llama-perplexity build (python scripts/llama_cpp_tools.py llama-perplexity)")
     ref_ppl, ref_err = run_llama_perplexity(tool, model, DEFAULT_TEXT, CTX, threads=1)
     with open_for_eval(model, CTX, threads=1) as loaded:
         ours = perplexity(loaded, read_text(DEFAULT_TEXT), CTX)

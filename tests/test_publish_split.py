@@ -10,7 +10,8 @@ import pytest
 
 from shortquant.errors import PublishError
 from shortquant.gguf_info import parse_split_name, split_name, split_parts
-from shortquant.publish.split import parse_size, split_gguf
+from shortquant.publish.split import split_gguf
+from shortquant.sizes import parse_size
 
 SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
               gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
@@ -96,15 +97,31 @@ def test_split_file_is_not_split_again(model):
 
 
 @pytest.mark.parametrize("text, expected", [("48G", 48 * 10**9), ("500M", 5 * 10**8), ("300k", 300_000),
-                                            ("1000", 1000), (7, 7)])
+                                            ("1000", 1000), (7, 7), ("1.5G", 15 * 10**8), ("3.2gb", 32 * 10**8)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["48X", "", "-1G", "0", "1.5G"])
+@pytest.mark.parametrize("text", ["48X", "", "-1G", "0", "0.0G", "1,5G"])
 def test_parse_size_rejects(text):
     with pytest.raises(PublishError):
-        parse_size(text)
+        parse_size(text, PublishError)
+
+
+def test_split_max_size_and_target_size_take_the_same_sizes(model, tmp_path):
+    """One parser: the size `export --target-size` accepts, `--split-max-size` accepts too."""
+    from click.testing import CliRunner
+
+    from shortquant.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time")
+    for option in ("--split-max-size", "--target-size"):
+        bad = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "x"), "--calib", str(calib), option, "1.5X"])
+        assert bad.exit_code == 2 and f"{option}: invalid size '1.5X'" in bad.stderr, bad.output
+        assert not (tmp_path / "x").exists()
+    parts = split_gguf(model, "0.004G", outdir=tmp_path / "parts", progress=False)   # 4 MB, as "4M"
+    assert len(parts) > 1 and all(p.stat().st_size <= 4 * 10**6 for p in parts)
 
 
 def test_not_a_gguf(tmp_path):

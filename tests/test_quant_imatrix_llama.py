@@ -85,7 +85,7 @@ def test_command_on_a_gguf_file(exported, tmp_path):
 
 def test_same_numbers_as_llama_imatrix(exported, tmp_path):
     """Runs only where scripts/llama_cpp_tools.py has built llama-imatrix (cached)."""
-    from shortquant.evaluate.llama_tools import cached_tool
+    from llama_cpp_tools import cached_tool
     from shortquant.quant.imatrix_llama import compute_imatrix_gguf, gguf_tokens
 
     tool = cached_tool(name="llama-imatrix")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ShortquantError
+from ..hub import check_repo_id, is_hub_id
 
 # Settings allowed at the top level (defaults) and in each model entry, with their defaults.
 DEFAULTS = {
@@ -52,7 +53,6 @@ DEFAULTS = {
 }
 MODEL_ONLY = ("source", "folder")
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERN_FIELDS = {"folder", "name", "source"}   # what a repo pattern may use: me/{folder}-GGUF
 
 
@@ -178,7 +178,7 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     if source_path.is_dir():
         source = str(source_path)
         default_folder = source_path.name
-    elif _HUB_ID.match(source) and not source.startswith((".", "/")):
+    elif is_hub_id(source):
         default_folder = source.split("/", 1)[1]
     else:
         problem("source", f"no such folder, and not a hub id: {source}")
@@ -283,7 +283,7 @@ def _check_names(values: dict, problem) -> None:
         except (ValueError, TypeError):
             problem("source_blocks", f"{values['source_blocks']!r} is not a list like '0-23,30,31'")
     if values.get("split_max_size") is not None:
-        from ..publish.split import parse_size
+        from ..sizes import parse_size
 
         try:
             parse_size(str(values["split_max_size"]))
@@ -340,8 +340,6 @@ def _repo(pattern, fields: dict, problem) -> str | None:
     if not isinstance(pattern, str):
         problem("repo", f"expected a repo id or pattern such as 'me/{{folder}}-GGUF', not {pattern!r}")
         return None
-    from ..publish.upload import check_repo_id
-
     try:
         repo = pattern.format(**fields)
     except (KeyError, IndexError, ValueError) as exc:

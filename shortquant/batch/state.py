@@ -22,19 +22,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..checksum import sha256_file
 from ..partfiles import write_atomic
 
 STATE_FILE = ".shortquant-batch.json"
 FORMAT = 1
-_CHUNK = 8 * 1024 * 1024
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(settings: dict) -> str:
@@ -47,7 +39,7 @@ def files_intact(folder: Path, sha256: dict[str, str]) -> bool:
     """Every ``name -> sha256`` still holds in ``folder``."""
     for name, digest in sha256.items():
         path = folder / name
-        if not path.is_file() or sha256_of(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             return False
     return True
 
@@ -85,7 +77,7 @@ class ModelState:
 
     def record_file(self, quant: str, expected: str, paths: list[Path], *, type_label: str, n_params: int,
                     seconds: float) -> dict:
-        entry = {"fingerprint": expected, "paths": [p.name for p in paths], "sha256": [sha256_of(p) for p in paths],
+        entry = {"fingerprint": expected, "paths": [p.name for p in paths], "sha256": [sha256_file(p) for p in paths],
                  "bytes": sum(p.stat().st_size for p in paths), "n_params": n_params, "type": type_label,
                  "seconds": round(seconds, 3)}
         self.data["files"][quant] = entry
@@ -101,7 +93,7 @@ class ModelState:
             files_intact(self.folder, entry.get("sha256", {}))
 
     def record_step(self, step: str, expected: str, names: list[str] = (), **extra) -> None:
-        self.data[step] = {"fingerprint": expected, "sha256": {n: sha256_of(self.folder / n) for n in names},
+        self.data[step] = {"fingerprint": expected, "sha256": {n: sha256_file(self.folder / n) for n in names},
                            **extra}
 
     def forget_step(self, step: str) -> None:

@@ -93,9 +93,9 @@ def base_fingerprint(base: str | Path) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("SHORTQUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shortquant")
-    return Path(root) / "base-logprobs"
+    from ..resources import cache_root
+
+    return cache_root() / "base-logprobs"
 
 
 def cache_key(fingerprint: str, chunks: np.ndarray, n_batch: int = 2048) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from shortquant.errors import EvalError
 
 X_AXES = {"bpw": ("bits per weight", lambda f: f.get("bpw")),
-          "size": ("file size (GiB)", lambda f: f["bytes"] / (1 << 30))}
+          "size": ("file size (GB)", lambda f: f["bytes"] / 1e9)}
 Y_AXES = {"kld": ("mean KL divergence vs base (log)", lambda f: (f.get("kld") or {}).get("mean")),
           "ppl": ("perplexity", lambda f: f.get("ppl"))}
 
@@ -243,8 +243,8 @@ def report_figure(results: list[dict], *, unpruned: dict | None = None, x_axis: 
     files = [f for data in results for f in _files_of(data)]
     unpruned_files = _files_of(unpruned) if unpruned else []
     x_label, x_of = X_AXES[x_axis]
-    if x_axis == "size" and all(f["bytes"] < 1 << 30 for f in files + unpruned_files):
-        x_label, x_of = "file size (MiB)", lambda f: f["bytes"] / (1 << 20)   # small models: readable ticks
+    if x_axis == "size" and all(f["bytes"] < 1e9 for f in files + unpruned_files):
+        x_label, x_of = "file size (MB)", lambda f: f["bytes"] / 1e6   # small models: readable ticks
     panels = [panel for key in Y_AXES if (panel := _make_panel(key, files, unpruned_files, x_of))]
     if not panels:
         raise EvalError("nothing to plot: the results have neither KLD nor perplexity values")

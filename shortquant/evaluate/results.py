@@ -30,6 +30,7 @@ from pathlib import Path
 
 from shortquant.errors import EvalError
 from shortquant.partfiles import write_atomic
+from shortquant.sizes import format_size
 
 FILE_KEYS = ("file", "path", "type", "bytes", "n_params", "bpw", "ppl", "ppl_err", "kld", "speed")
 
@@ -112,13 +113,6 @@ def read_results(path: str | Path) -> dict:
     return data
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def _speed_keys(files: list[dict]) -> list[str]:
     keys = []
     for entry in files:
@@ -147,7 +141,7 @@ def markdown_table(data: dict) -> str:
     header += [f"{k} t/s" for k in speeds]
     rows = [header, ["---"] * len(header)]
     for f in files:
-        row = [f["file"], f["type"], _size(f["bytes"]), f"{f['bpw']:.2f}" if f.get("bpw") else "-"]
+        row = [f["file"], f["type"], format_size(f["bytes"]), f"{f['bpw']:.2f}" if f.get("bpw") else "-"]
         if has_ppl:
             row.append(f"{f['ppl']:.4f} ± {f['ppl_err']:.4f}" if f.get("ppl") is not None else "-")
         if has_kld:

@@ -13,7 +13,6 @@ shows up under its quantizations.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -21,14 +20,16 @@ from pathlib import Path
 import gguf
 
 from shortquant import keys
+from shortquant.checksum import sha256_file
 from shortquant.gguf_info import GGUFFile, find_models, parse_split_name
 from shortquant.errors import PublishError
+from shortquant.hub import HUB
 from shortquant.partfiles import write_atomic
 from shortquant.publish.modelfile import modelfile_name, template_family
 from shortquant.recipes import Recipe, RecipeError, load_recipe
+from shortquant.sizes import format_size
 
 DEFAULT_QUANTIZED_BY = "shortquant"
-HUB = "https://huggingface.co"
 
 # What each type is, for the "Use" column: true of the type on any model (sizes and quality
 # on this model are the table's measured columns). One entry per type llama-quantize offers.
@@ -79,29 +80,6 @@ def type_note(type_name: str) -> str:
         return (f"a measured variant of {type_name[:-4]}: each tensor's type chosen by measuring this model, "
                 "within a byte budget (shortquant export --optimize)")
     return TYPE_NOTES.get(type_name) or f"llama.cpp type {type_name}; see the measured columns"
-
-
-def sha256_file(path: str | Path, progress=None) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks (``progress`` is a tqdm bar or None)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 * 1024 * 1024):
-            digest.update(chunk)
-            if progress is not None:
-                progress.update(len(chunk))
-    return digest.hexdigest()
-
-
-def human_size(n: int) -> str:
-    """Decimal units, as the hub shows them.
-
-    >>> human_size(4_081_004_224)
-    '4.08 GB'
-    """
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def _ranges(indices) -> str:
@@ -414,7 +392,7 @@ def _files_section(models, measured, recommended, results) -> list[str]:
     for model in models:
         entry = measured.get(model.name, {})
         shown = model.name if not model.is_split else f"{model.name} (+{len(model.parts) - 1} parts)"
-        row = [f"[{shown}](./{model.name})", model.type, human_size(model.bytes), f"{model.bpw:.2f}"]
+        row = [f"[{shown}](./{model.name})", model.type, format_size(model.bytes), f"{model.bpw:.2f}"]
         if has_ppl:
             row.append(f"{entry['ppl']:.4f} ± {entry.get('ppl_err') or 0:.4f}"
                        if entry.get("ppl") is not None else "-")

@@ -107,7 +107,7 @@ def publish_command(outdir, repo, private, dry_run, staging_dir, quiet, as_json)
       shortquant publish ./gguf --repo me/st-vicuna-5.5b-GGUF --dry-run
       HF_TOKEN=... shortquant publish ./gguf --repo me/st-vicuna-5.5b-GGUF --private
     """
-    from shortquant.publish.card import human_size
+    from shortquant.sizes import format_size
     from shortquant.publish.upload import publish
 
     result = publish(outdir, repo, private=private, dry_run=dry_run, staging_dir=staging_dir,
@@ -115,7 +115,7 @@ def publish_command(outdir, repo, private, dry_run, staging_dir, quiet, as_json)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
-    total = human_size(sum(f.size for f in result.files))
+    total = format_size(sum(f.size for f in result.files))
     if result.dry_run:
         click.echo(f"dry run: {len(result.files)} files ({total}) staged in {result.staging_dir}; "
                    f"manifest: {result.staging_dir / 'manifest.json'}")

@@ -23,7 +23,6 @@ under ``.part`` names, fsynced, and renamed only once all are complete.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,30 +31,12 @@ import gguf
 
 from shortquant.errors import OutputError, PublishError
 from shortquant.gguf_info import split_name
+from shortquant.sizes import parse_size
 
 GGUF_VERSION = 3
 CHUNK = 64 * 1024 * 1024
 _SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
                gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in a size like ``48G``, ``500M``, ``300K`` or ``1000000`` (decimal units, as llama.cpp).
-
-    >>> parse_size("48G")
-    48000000000
-    """
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", str(text).upper())
-        if not match:
-            raise PublishError(f"invalid size {text!r}; use a number with K, M or G, e.g. 48G")
-        value = int(match.group(1)) * _UNITS[match.group(2)]
-    if value <= 0:
-        raise PublishError(f"size must be positive, got {text!r}")
-    return value
 
 
 def _pad(n: int, align: int) -> int:
@@ -128,7 +109,7 @@ def split_gguf(path: str | Path, max_size: str | int, *, outdir: str | Path | No
         >>> split_gguf("big-F16.gguf", "48G", progress=False)   # doctest: +SKIP
     """
     path = Path(path)
-    max_bytes = parse_size(max_size)
+    max_bytes = parse_size(max_size, PublishError, "--split-max-size")
     if not path.is_file():
         raise PublishError("no such GGUF file", path)
     from shortquant.gguf_check import read_gguf_checked

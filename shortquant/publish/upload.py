@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from shortquant.errors import OutputError, PublishError
+from shortquant.hub import check_repo_id
 
 MANIFEST = "manifest.json"
 STAGED = "upload"
 _SKIP_SUFFIXES = (".part", ".pyc", ".tmp")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -66,21 +65,10 @@ def upload_files(outdir: str | Path) -> list[Path]:
     return chosen
 
 
-def check_repo_id(repo: str) -> str:
-    """``user/name`` as the hub allows it, else PublishError.
-
-    >>> check_repo_id("me/st-vicuna-GGUF")
-    'me/st-vicuna-GGUF'
-    """
-    if not _REPO_ID.match(repo or "") or ".." in repo or repo.endswith((".git", ".")):
-        raise PublishError(f"invalid repo id {repo!r}; expected user/name")
-    return repo
-
-
 def _stage(outdir: Path, files: list[Path], staging_dir: Path, progress: bool) -> list[UploadFile]:
     from tqdm import tqdm
 
-    from shortquant.publish.card import sha256_file
+    from shortquant.checksum import sha256_file
 
     target = staging_dir / STAGED
     if target.exists():

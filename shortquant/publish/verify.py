@@ -106,7 +106,7 @@ def verify(target: str | Path, progress: bool = False) -> VerifyReport:
         elif want.size is not None and path.stat().st_size != want.size:
             result.problem = f"has {path.stat().st_size} bytes, expected {want.size}"
         elif want.sha256:
-            from shortquant.publish.card import sha256_file
+            from shortquant.checksum import sha256_file
 
             result.checks.append("sha256")
             if sha256_file(path) != want.sha256:

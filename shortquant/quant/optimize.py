@@ -187,22 +187,6 @@ def file_bytes(plan: ModelPlan, file_plan: FilePlan, extra: Sequence[MetaItem] |
     return GGUFFileWriter(plan, bare, tuple(base) + tuple(extra)).planned_size()
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_target_size(text: str) -> int:
-    """Bytes in ``3.2G``, ``900M``, ``1500000`` (decimal units, as llama.cpp's sizes).
-
-    >>> parse_target_size("3.2G")
-    3200000000
-    """
-    m = _SIZE.fullmatch(str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise QuantError(f"--target-size wants a size like 3.2G or 900M, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
 def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, target_bpw: float | None,
                  target_size: int | None, out_dir: Path, overrides=None, has_imatrix: bool = False,
                  base: Sequence[MetaItem] = ()) -> list[Target]:

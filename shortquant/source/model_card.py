@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HUB = "https://huggingface.co"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from ..hub import HUB, is_hub_id
+
 _SLUG = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
 _CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
 _MAX_README = 1024 * 1024
@@ -39,10 +39,6 @@ class SourceCard:
     datasets: tuple[str, ...] = ()
     pipeline_tag: str | None = None
     origin: dict[str, str] = field(default_factory=dict)   # value name -> where it came from
-
-
-def is_hub_id(text) -> bool:
-    return isinstance(text, str) and bool(_HUB_ID.match(text)) and ".." not in text
 
 
 def hub_id_from_cache_path(folder: Path) -> str | None:
