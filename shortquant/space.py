@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .errors import OutputError
+from .sizes import format_size
 
 
 def free_bytes(folder: Path) -> int:
@@ -27,7 +28,7 @@ def check_free_space(folder: Path, needed: int, force: bool = False) -> int:
     free = free_bytes(folder)
     if needed > free and not force:
         raise OutputError(f"not enough free space: the planned files need {needed} bytes "
-                          f"({needed / 1e9:.2f} GB), {free} bytes ({free / 1e9:.2f} GB) are free "
+                          f"({format_size(needed)}), {free} bytes ({format_size(free)}) are free "
                           f"(--force to try anyway)", folder)
     return free
 

@@ -101,12 +101,14 @@ def summary_data(report: BatchReport, catalogue: Catalogue) -> dict:
 
 def markdown_summary(data: dict) -> str:
     """The catalogue table: model x type with size, bpw, PPL, KLD and export seconds."""
+    from ..sizes import format_size
+
     lines = ["| model | type | size | bpw | PPL | KLD | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
     for model in data["models"]:
         for row in model["files"]:
             ppl = "" if row["ppl"] is None else f"{row['ppl']:.4f} ± {row['ppl_err']:.4f}"
             kld = "" if row["kld"] is None else f"{row['kld']:.6f}"
-            lines.append(f"| {model['folder']} | {row['type']} | {row['bytes'] / 1e6:.1f} MB | {row['bpw']:.2f} "
+            lines.append(f"| {model['folder']} | {row['type']} | {format_size(row['bytes'])} | {row['bpw']:.2f} "
                          f"| {ppl} | {kld} | {row['seconds']:.1f} |")
     failed = [m for m in data["models"] if m["status"] != "ok"]
     if failed:

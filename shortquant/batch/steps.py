@@ -92,7 +92,7 @@ def export_step(job: ModelJob, out_root: str | Path, settings: RunSettings, log:
 def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome, log) -> None:
     from ..export import export
     from ..job import split_large_files
-    from ..publish.split import parse_size
+    from ..sizes import format_size, parse_size
 
     for quant in todo:            # a record that no longer holds is dropped before the redo
         state.forget_file(quant)
@@ -111,7 +111,7 @@ def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome,
         state.data["skipped"][quant] = {"fingerprint": expected, "reason": reason}
     state.save()
     outcome.failed.update(report.failed)
-    made = ", ".join(f"{f.type_label} {f.bytes / 1e6:.1f} MB" for f in report.files)
+    made = ", ".join(f"{f.type_label} {format_size(f.bytes)}" for f in report.files)
     _say(outcome, log, f"exported {made} in {report.seconds:.1f} s")
     for quant, reason in report.failed.items():
         _say(outcome, log, f"{quant} failed: {reason}")
