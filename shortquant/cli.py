@@ -96,33 +96,16 @@ def _remember(key):
     return callback
 
 
-def _options_from(source, recipe, source_blocks, chat_template, name, **extra):
-    from .export import ExportOptions, resolve_source
-    from .layers import parse_block_list
-    from .recipes import load_recipe
+def _options_from(source, recipe, source_blocks, chat_template, name, out_dir, quiet=False, **settings):
+    """``export``'s one builder of ExportOptions (shortquant.export.options_from), fed the options
+    of this command; --pre, --pad-ffn and --remove-blocks come through the context."""
+    from .export import options_from
 
-    path, implied_recipe = resolve_source(source)
-    recipe_name = recipe or implied_recipe
-    if implied_recipe and not recipe and source is not None:
-        click.echo(f"note: using recipe {implied_recipe} (known release; --recipe to choose another)", err=True)
-    blocks = None
-    if source_blocks:
-        try:
-            blocks = parse_block_list(source_blocks)
-        except ValueError:
-            raise click.BadParameter(f"{source_blocks!r} is not a list like '0-23,30,31'",
-                                     param_hint="--source-blocks") from None
-    remove = click.get_current_context().meta.get("shortquant.remove_blocks")
-    if remove:
-        try:
-            extra["remove_blocks"] = parse_block_list(remove)
-        except ValueError:
-            raise click.BadParameter(f"{remove!r} is not a list like '12-14,25'", param_hint="--remove-blocks") from None
-    pre = click.get_current_context().meta.get("shortquant.pre")
-    pad_ffn = click.get_current_context().meta.get("shortquant.pad_ffn")
-    return path, ExportOptions(recipe=load_recipe(recipe_name) if recipe_name else None,
-                               source_blocks=blocks, chat_template=chat_template, name=name, pre=pre,
-                               pad_ffn=pad_ffn, **extra)
+    meta = click.get_current_context().meta
+    return options_from(source, out_dir, quiet=quiet, note=lambda text: click.echo(f"note: {text}", err=True),
+                        recipe=recipe, source_blocks=source_blocks, chat_template=chat_template, name=name,
+                        pre=meta.get("shortquant.pre"), pad_ffn=meta.get("shortquant.pad_ffn"),
+                        remove_blocks=meta.get("shortquant.remove_blocks"), **settings)
 
 
 @main.command()
@@ -159,8 +142,8 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
     from .quant.types import parse_quants
     from .source.checkpoint import open_checkpoint
 
-    path, options = _options_from(source, recipe, source_blocks, chat_template, name,
-                                  quants=tuple(quants), out_dir=Path("."))
+    path, options = _options_from(source, recipe, source_blocks, chat_template, name, Path("."),
+                                  quants=tuple(quants))
     plan = make_model_plan(open_checkpoint(path), options)
     files = [plan_file(plan, spec, options.out_dir, require_imatrix=False) for spec in parse_quants(list(quants))]
     if as_json:
@@ -240,23 +223,19 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model -q q4_k_m --optimize --calib calib.txt --imatrix model.imatrix.gguf
       shortquant export ./model --target-bpw 4.5 --calib calib.txt
     """
-    from .job import JobSteps, run_job
     from .errors import PublishError
+    from .job import JobSteps, run_job
     from .sizes import parse_size
-    from .quant.mixes import QuantOverrides
 
     if split_max_size:
         parse_size(split_max_size, PublishError, "--split-max-size")   # a bad size fails before any work
-
-    overrides = QuantOverrides.parse(output_type=output_type, embedding_type=embedding_type, pure=pure,
-                                     tensor_types=list(tensor_types))
-    request = _optimize_request(optimize, target_bpw, target_size, calib)
-    if request is not None and (request.target_bpw or request.target_size) and _is_default("quants"):
-        quants = ()   # a target alone writes only its own file
-    path, options = _options_from(source, recipe, source_blocks, chat_template, name, quants=tuple(quants),
-                                  out_dir=out_dir, threads=threads, allow_nonfinite=allow_nonfinite,
-                                  quiet=quiet or as_json, overrides=overrides, imatrix=imatrix, force=force,
-                                  base_model=base_model, license=license_id, optimize=request)
+    path, options = _options_from(source, recipe, source_blocks, chat_template, name, out_dir, quiet=quiet or as_json,
+                                  quants=None if _is_default("quants") else tuple(quants), imatrix=imatrix,
+                                  output_type=output_type, embedding_type=embedding_type,
+                                  tensor_types=tuple(tensor_types), pure=pure, optimize=optimize,
+                                  target_bpw=target_bpw, target_size=target_size, calib=calib, threads=threads,
+                                  allow_nonfinite=allow_nonfinite, base_model=base_model, license=license_id,
+                                  force=force)
     steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
                      card=make_card)
     result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))
@@ -268,23 +247,6 @@ def _is_default(param: str) -> bool:
     from click.core import ParameterSource
 
     return click.get_current_context().get_parameter_source(param) == ParameterSource.DEFAULT
-
-
-def _optimize_request(optimize: bool, target_bpw, target_size, calib):
-    """--optimize / --target-bpw / --target-size / --calib as an OptimizeRequest (or None)."""
-    from .errors import QuantError
-    from .quant.optimize import OptimizeRequest
-    from .sizes import parse_size
-
-    wanted = optimize or target_bpw is not None or target_size is not None
-    if not wanted:
-        if calib is not None:
-            raise QuantError("--calib is only used with --optimize, --target-bpw or --target-size")
-        return None
-    if calib is None:
-        raise QuantError("--optimize, --target-bpw and --target-size need a calibration text: --calib FILE")
-    size = parse_size(target_size, QuantError, "--target-size") if target_size is not None else None
-    return OptimizeRequest(calib=calib, optimize=optimize, target_bpw=target_bpw, target_size=size)
 
 
 def _export_printer(source: Path, as_json: bool, quiet: bool):

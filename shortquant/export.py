@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,6 +48,91 @@ class ExportOptions:
     license: str | None = None                      # hub license id for general.license / the card
     optimize: object | None = None                  # shortquant.quant.optimize.OptimizeRequest
     pad_ffn: int | None = None                      # zero-pad FFN widths to a multiple (None: pruned ones to 256)
+
+
+# Every option of ``export`` that decides what is written, with its default: the CLI's flags
+# (``--pad-ffn`` is ``pad_ffn``, ``--license`` is ``license``) and a jobs file's keys, both turned
+# into ExportOptions by :func:`options_from`. ``quants`` None: f16, or only the file of a target.
+EXPORT_SETTINGS: dict[str, object] = {
+    "quants": None, "recipe": None, "source_blocks": None, "remove_blocks": None, "chat_template": None,
+    "name": None, "pre": None,
+    "pad_ffn": None, "imatrix": None, "output_type": None, "embedding_type": None, "tensor_types": (),
+    "pure": False, "optimize": False, "target_bpw": None, "target_size": None, "calib": None, "threads": None,
+    "allow_nonfinite": False, "base_model": None, "license": None, "force": False,
+}
+
+
+def options_from(source: str | None, out_dir: Path, *, quiet: bool = False,
+                 note: Callable[[str], None] | None = None, **settings) -> tuple[Path, ExportOptions]:
+    """The checkpoint folder of ``source`` (see :func:`resolve_source`) and the ExportOptions of
+    ``settings`` (keys of :data:`EXPORT_SETTINGS`; the others take their defaults). ``note`` hears
+    which recipe a known release implies.
+
+    >>> path, options = options_from(None, Path("gguf"), quants=("q8_0",), pad_ffn=0)
+    >>> options.recipe.name, options.quants, options.pad_ffn
+    ('shortquant-demo', ('q8_0',), 0)
+    """
+    from .quant.mixes import QuantOverrides
+    from .recipes import load_recipe
+
+    unknown = sorted(set(settings) - set(EXPORT_SETTINGS))
+    if unknown:
+        raise TypeError(f"not export options: {', '.join(unknown)}")
+    s = {**EXPORT_SETTINGS, **settings}
+    overrides = QuantOverrides.parse(output_type=s["output_type"], embedding_type=s["embedding_type"],
+                                     pure=s["pure"], tensor_types=list(s["tensor_types"] or ()))
+    request = optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"])
+    path, implied = resolve_source(source)
+    if implied and not s["recipe"] and source is not None and note is not None:
+        note(f"using recipe {implied} (known release; --recipe to choose another)")
+    recipe = s["recipe"] or implied
+    blocks, remove = (_block_list(s[key], option) for key, option in (("source_blocks", "--source-blocks"),
+                                                                      ("remove_blocks", "--remove-blocks")))
+    return path, ExportOptions(
+        quants=default_quants(s["quants"], s["target_bpw"], s["target_size"]), out_dir=Path(out_dir),
+        recipe=load_recipe(recipe) if recipe else None, source_blocks=blocks,
+        chat_template=s["chat_template"], pre=s["pre"], name=s["name"], allow_nonfinite=s["allow_nonfinite"],
+        threads=s["threads"], overrides=overrides, imatrix=Path(s["imatrix"]) if s["imatrix"] else None,
+        quiet=quiet, force=s["force"], base_model=s["base_model"], license=s["license"], optimize=request,
+        pad_ffn=s["pad_ffn"], remove_blocks=remove)
+
+
+def _block_list(value, option: str) -> tuple[int, ...] | None:
+    """A list of block indices as the CLI writes it (``0-23,30``; a jobs file may give numbers)."""
+    from .layers import parse_block_list
+
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    if not value:
+        return None
+    try:
+        return tuple(parse_block_list(value))
+    except (ValueError, TypeError):
+        raise SourceError(f"{option}: {value!r} is not a list like '0-23,30,31'") from None
+
+
+def default_quants(quants, target_bpw=None, target_size=None) -> tuple[str, ...]:
+    """The types to write: those given; none given, f16 (or, beside a size or bpw target, none:
+    a target alone writes only its own file)."""
+    if quants is not None:
+        return tuple(quants)
+    return () if target_bpw is not None or target_size is not None else ("f16",)
+
+
+def optimize_request(optimize: bool, target_bpw, target_size, calib):
+    """--optimize / --target-bpw / --target-size / --calib as an OptimizeRequest (or None)."""
+    from .quant.optimize import OptimizeRequest
+    from .sizes import parse_size
+
+    wanted = optimize or target_bpw is not None or target_size is not None
+    if not wanted:
+        if calib is not None:
+            raise QuantError("--calib is only used with --optimize, --target-bpw or --target-size")
+        return None
+    if calib is None:
+        raise QuantError("--optimize, --target-bpw and --target-size need a calibration text: --calib FILE")
+    size = parse_size(target_size, QuantError, "--target-size") if target_size is not None else None
+    return OptimizeRequest(calib=Path(calib), optimize=optimize, target_bpw=target_bpw, target_size=size)
 
 
 @dataclass

@@ -360,3 +360,103 @@ def test_ray_mode_without_ray_installed_is_one_line(tmp_path, demo, monkeypatch)
     result = invoke(jobs, "--out", tmp_path / "out", "--ray", "auto")
     assert result.exit_code == 2
     assert result.output.strip() == "error: --ray needs Ray: pip install 'shortquant[ray]' (or pip install ray)"
+
+
+# -- every export option -------------------------------------------------------------------------
+
+# The flags whose name is not the jobs-file key with dashes (export's parameter names aside).
+_FLAG = {"quants": "--quant", "tensor_types": "--tensor-type"}
+# `export` flags that are not a model's settings: where and how the command prints.
+_NOT_SETTINGS = {"source", "out_dir", "quiet", "as_json"}
+# `export` parameters named differently from their jobs-file key.
+_PARAM_KEY = {"license_id": "license", "evaluate": "eval", "text_path": "text", "make_card": "card"}
+
+
+def test_every_export_option_is_a_jobs_file_setting():
+    """A flag added to `export` is a jobs-file key too, and the jobs file takes nothing export lacks."""
+    from shortquant.batch.jobsfile import DEFAULTS
+    from shortquant.export import EXPORT_SETTINGS
+
+    params = {_PARAM_KEY.get(p.name, p.name) for p in main.commands["export"].params} - _NOT_SETTINGS
+    assert params == set(EXPORT_SETTINGS) | {"eval", "text", "ctx", "base", "split_max_size", "card"}
+    assert set(EXPORT_SETTINGS) <= set(DEFAULTS)
+
+
+def _cli_args(settings: dict) -> list[str]:
+    """The `export` flags that say what ``settings`` (a jobs-file entry) says."""
+    args = []
+    for key, value in settings.items():
+        flag = _FLAG.get(key, "--" + key.replace("_", "-"))
+        if value is True:
+            args.append(flag)
+        else:
+            args += [item for v in (value if isinstance(value, list) else [value]) for item in (flag, str(v))]
+    return args
+
+
+def test_jobs_file_takes_every_export_option(tmp_path, demo):
+    """Each export option in a jobs file writes the very bytes of the same `export` command."""
+    import yaml
+
+    from families import build_family_model, make_bpe_tokenizer
+    from shortquant.export import EXPORT_SETTINGS
+
+    bpe = tmp_path / "bpe"
+    vocab = make_bpe_tokenizer(bpe, "qwen2")
+    build_family_model("qwen2", vocab, layers=2).save_pretrained(bpe)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time, there was a little girl who liked to play in the park. " * 60)
+    imatrix = tmp_path / "demo.imatrix.gguf"
+    made = CliRunner().invoke(main, ["imatrix", str(demo), "--text", str(calib), "-o", str(imatrix),
+                                     "--ctx", "64", "--chunks", "2"])
+    assert made.exit_code == 0, made.output
+    entries = {
+        "a": (demo, {"quants": ["f32", "q4_k_m"], "recipe": "shortquant-demo", "source_blocks": "0-3,5,7",
+                     "chat_template": "vicuna", "name": "Tidy", "pad_ffn": 0, "imatrix": str(imatrix),
+                     "output_type": "q8_0", "embedding_type": "q6_k", "tensor_types": ["ffn_down=q5_k"],
+                     "threads": 1, "allow_nonfinite": True, "base_model": "me/base-model",
+                     "license": "apache-2.0", "force": True}),
+        "b": (demo, {"quants": ["q4_0"], "pure": True}),
+        "c": (bpe, {"quants": ["f32"], "pre": "qwen2"}),
+        "d": (demo, {"quants": ["q4_k_m"], "optimize": True, "target_bpw": 5.5, "target_size": "4.2M",
+                     "calib": str(calib), "threads": 1}),
+    }
+    assert set(EXPORT_SETTINGS) == {key for _, settings in entries.values() for key in settings}
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump({"models": [{"source": str(src), "folder": folder, **settings}
+                                               for folder, (src, settings) in entries.items()]}))
+    out = tmp_path / "out"
+    result = invoke(jobs, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    for folder, (src, settings) in entries.items():
+        ref = tmp_path / "ref" / folder
+        cli = CliRunner().invoke(main, ["export", str(src), "--out", str(ref), "--quiet", *_cli_args(settings)])
+        assert cli.exit_code == 0, cli.output
+        assert gguf_bytes(ref) and gguf_bytes(out / folder) == gguf_bytes(ref), folder
+    assert any("_OPT" in name for name in gguf_bytes(out / "d"))   # the optimizer did run
+    rerun = invoke(jobs, "--out", out, "--quiet")   # all up to date, the optimized ladder included
+    models = json.loads((out / "catalogue.json").read_text())["models"]
+    assert rerun.exit_code == 0 and all(m["made"] == [] and m["kept"] for m in models), models
+
+
+def test_jobs_file_export_option_problems(tmp_path, demo):
+    jobs = write_jobs(tmp_path / "jobs.yaml", f"""
+models:
+  - source: {demo}
+    pad_ffn: -1
+    target_bpw: 99
+    target_size: 1.5X
+    calib: missing.txt
+    licence: mit
+  - source: {demo}
+    folder: two
+    optimize: true
+""")
+    with pytest.raises(JobsFileError) as info:
+        load_jobs(jobs)
+    text = "\n".join(info.value.problems)
+    for expected in ("models[0].pad_ffn: expected a whole number >= 0", "models[0].target_bpw:",
+                     "models[0].target_size: invalid size '1.5X'", "models[0].calib: no such file",
+                     "models[0].licence: unknown setting (did you mean 'license'?)",
+                     "models[1].calib: --optimize, --target-bpw and --target-size need a calibration text"):
+        assert expected in text, (expected, text)

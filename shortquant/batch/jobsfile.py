@@ -7,6 +7,8 @@ A jobs file is YAML. Top-level settings are defaults; a model entry may override
     bench: false                    # ... but no speed runs
     ctx: 512
     card: true                      # README.md + ollama Modelfiles per model
+    license: apache-2.0             # ... and any other option of `shortquant export`, spelled
+    pad_ffn: 0                      #     without the dashes (--pad-ffn: pad_ffn)
     repo: me/{folder}-GGUF          # hub repo per model, for --publish
     models:
       - source: ./st-vicuna-v1.3-5.5b-taylor      # a folder (relative to this file) or a hub id
@@ -24,23 +26,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ShortquantError
+from ..errors import QuantError, ShortquantError
+from ..export import EXPORT_SETTINGS, default_quants, optimize_request
 from ..hub import check_repo_id, is_hub_id
 
-# Settings allowed at the top level (defaults) and in each model entry, with their defaults.
+# Settings allowed at the top level (defaults) and in each model entry, with their defaults:
+# every option of `export` (its one table), then what the later steps take.
 DEFAULTS = {
-    "quants": ["f16"],
-    "recipe": None,
-    "name": None,
-    "source_blocks": None,
-    "chat_template": None,
-    "imatrix": None,
-    "output_type": None,
-    "embedding_type": None,
-    "tensor_types": [],
-    "pure": False,
-    "allow_nonfinite": False,
-    "threads": None,
+    **EXPORT_SETTINGS,
     "eval": False,
     "bench": True,
     "text": None,
@@ -93,6 +86,15 @@ class ModelJob:
     card: bool = False
     repo: str | None = None
     private: bool = False
+    pre: str | None = None
+    pad_ffn: int | None = None
+    base_model: str | None = None
+    license: str | None = None
+    optimize: bool = False
+    target_bpw: float | None = None
+    target_size: str | None = None
+    calib: str | None = None
+    force: bool = False
 
 
 @dataclass
@@ -190,6 +192,11 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     s = {**defaults, **_check_settings(own, base_dir, problem)}
     if len(problems) > before:
         return None
+    try:   # export's own rule: --calib with, and only with, --optimize or a target
+        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"])
+    except ShortquantError as exc:
+        problem("calib", str(exc))
+        return None
     repo = None
     if s["repo"] is not None:
         fields = {"folder": folder, "name": s["name"] or folder, "source": default_folder}
@@ -197,13 +204,16 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     if len(problems) > before:
         return None
     return ModelJob(
-        index=index, source=source, folder=folder, quants=tuple(s["quants"]), recipe=s["recipe"], name=s["name"],
+        index=index, source=source, folder=folder, recipe=s["recipe"], name=s["name"],
+        quants=default_quants(s["quants"], s["target_bpw"], s["target_size"]),
         source_blocks=_blocks_text(s["source_blocks"]), chat_template=s["chat_template"], imatrix=s["imatrix"],
         output_type=s["output_type"], embedding_type=s["embedding_type"], tensor_types=tuple(s["tensor_types"]),
         pure=s["pure"], allow_nonfinite=s["allow_nonfinite"], threads=s["threads"], eval=s["eval"],
         bench=s["bench"], text=s["text"], ctx=s["ctx"], base=s["base"],
         split_max_size=None if s["split_max_size"] is None else str(s["split_max_size"]), card=s["card"],
-        repo=repo, private=s["private"])
+        repo=repo, private=s["private"], pre=s["pre"], pad_ffn=s["pad_ffn"], base_model=s["base_model"],
+        license=s["license"], optimize=s["optimize"], target_bpw=s["target_bpw"],
+        target_size=None if s["target_size"] is None else str(s["target_size"]), calib=s["calib"], force=s["force"])
 
 
 def _check_settings(values: dict, base_dir: Path, problem) -> dict:
@@ -212,14 +222,19 @@ def _check_settings(values: dict, base_dir: Path, problem) -> dict:
     out = dict(values)
     if "quants" in values:
         out["quants"] = _quants(values["quants"], problem)
-    for key in ("pure", "allow_nonfinite", "eval", "bench", "card", "private"):
+    for key in ("pure", "allow_nonfinite", "eval", "bench", "card", "private", "optimize", "force"):
         if key in values and not isinstance(values[key], bool):
             problem(key, f"expected true or false, not {values[key]!r}")
     if values.get("threads") is not None and not _whole(values["threads"], 1):
         problem("threads", f"expected a whole number >= 1, not {values['threads']!r}")
     if "ctx" in values and not _whole(values["ctx"], 8):
         problem("ctx", f"expected a whole number >= 8, not {values['ctx']!r}")
-    for key in ("recipe", "name", "chat_template", "output_type", "embedding_type"):
+    if values.get("pad_ffn") is not None and not _whole(values["pad_ffn"], 0):
+        problem("pad_ffn", f"expected a whole number >= 0, not {values['pad_ffn']!r}")
+    bpw = values.get("target_bpw")
+    if bpw is not None and (isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not 0 < bpw <= 32):
+        problem("target_bpw", f"expected bits per weight between 0 and 32, not {bpw!r}")
+    for key in ("recipe", "name", "chat_template", "output_type", "embedding_type", "pre", "base_model", "license"):
         if values.get(key) is not None and not isinstance(values[key], str):
             problem(key, f"expected text, not {values[key]!r}")
     if "tensor_types" in values and (not isinstance(values["tensor_types"], list)
@@ -228,7 +243,7 @@ def _check_settings(values: dict, base_dir: Path, problem) -> dict:
     else:
         _check_overrides(values, problem)
     _check_names(values, problem)
-    for key in ("imatrix", "text"):
+    for key in ("imatrix", "text", "calib"):
         if values.get(key) is not None:
             out[key] = _existing_file(values[key], base_dir, key, problem)
     if values.get("base") is not None:
@@ -282,13 +297,14 @@ def _check_names(values: dict, problem) -> None:
             parse_block_list(_blocks_text(values["source_blocks"]))
         except (ValueError, TypeError):
             problem("source_blocks", f"{values['source_blocks']!r} is not a list like '0-23,30,31'")
-    if values.get("split_max_size") is not None:
-        from ..sizes import parse_size
+    from ..sizes import parse_size
 
-        try:
-            parse_size(str(values["split_max_size"]))
-        except ShortquantError as exc:
-            problem("split_max_size", str(exc))
+    for key, error in (("split_max_size", ShortquantError), ("target_size", QuantError)):
+        if values.get(key) is not None:
+            try:
+                parse_size(str(values[key]), error)
+            except ShortquantError as exc:
+                problem(key, str(exc))
 
 
 def _check_overrides(values: dict, problem) -> None:

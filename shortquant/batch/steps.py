@@ -17,7 +17,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import ShortquantError
-from ..export import ExportedFile
+from ..export import EXPORT_SETTINGS, ExportedFile
 from .jobsfile import ModelJob
 from .state import ModelState, fingerprint
 
@@ -63,9 +63,10 @@ def run_model(job: ModelJob, out_root: str | Path, settings: RunSettings, log: L
 # -- export --------------------------------------------------------------------------------
 
 def export_step(job: ModelJob, out_root: str | Path, settings: RunSettings, log: Log | None = None) -> ModelOutcome:
-    """Write the types of the ladder that are not finished and intact; split them if asked."""
-    from ..quant.types import parse_quants
+    """Write the types of the ladder that are not finished and intact; split them if asked.
 
+    An optimizing job (--optimize, a target) is redone whole: which files it writes depends on
+    what it measures (a standard mix that measures better is written instead)."""
     outcome = ModelOutcome(folder=job.folder, source=job.source)
     folder = Path(out_root) / job.folder
     start = time.perf_counter()
@@ -73,7 +74,7 @@ def export_step(job: ModelJob, out_root: str | Path, settings: RunSettings, log:
     with _guard(outcome, "export", log):
         state = ModelState.load(folder)
         expected = export_fingerprint(job)
-        ladder = [spec.name for spec in parse_quants(list(job.quants))]
+        ladder = ladder_names(job, state, expected)
         skipped = state.data.get("skipped", {})
         todo = []
         for quant in ladder:
@@ -81,10 +82,13 @@ def export_step(job: ModelJob, out_root: str | Path, settings: RunSettings, log:
                 outcome.kept.append(quant)
             elif skipped.get(quant, {}).get("fingerprint") != expected:
                 todo.append(quant)
+        whole = len(todo) == len(ladder)
+        if _optimizes(job) and (todo or not ladder):   # all again, the old ladder's records dropped
+            outcome.kept, todo, whole = [], ladder_names(job, state), True
         if outcome.kept:
             _say(outcome, log, f"up to date: {', '.join(outcome.kept)}")
-        if todo:
-            _export(job, folder, todo, len(todo) == len(ladder), expected, state, settings, outcome, log)
+        if todo or whole and _optimizes(job):
+            _export(job, folder, todo, whole, expected, state, settings, outcome, log)
     outcome.seconds += time.perf_counter() - start
     return outcome
 
@@ -98,7 +102,7 @@ def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome,
         state.forget_file(quant)
     state.data.setdefault("skipped", {})
     source, options = export_options(job, folder, job.quants if whole_ladder else tuple(todo), settings)
-    _say(outcome, log, f"exporting {', '.join(todo)}")
+    _say(outcome, log, f"exporting {', '.join(todo) or 'the optimized ladder'}")
     split_limit = parse_size(job.split_max_size) if job.split_max_size else None
     report = export(source, options, split_limit)
     splits = split_large_files(report.files, job.split_max_size, progress=False) if job.split_max_size else {}
@@ -109,6 +113,8 @@ def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome,
         outcome.made.append(f.quant)
     for quant, reason in report.skipped.items():
         state.data["skipped"][quant] = {"fingerprint": expected, "reason": reason}
+    if _optimizes(job):   # what this export wrote is the ladder from now on
+        state.data["ladder"] = {"fingerprint": expected, "names": [f.quant for f in report.files]}
     state.save()
     outcome.failed.update(report.failed)
     made = ", ".join(f"{f.type_label} {format_size(f.bytes)}" for f in report.files)
@@ -118,32 +124,42 @@ def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome,
 
 
 def export_options(job: ModelJob, folder: Path, quants: tuple[str, ...], settings: RunSettings):
-    """The source folder (downloaded when a hub id) and the ExportOptions of ``job``."""
-    from ..export import ExportOptions, resolve_source
-    from ..layers import parse_block_list
-    from ..quant.mixes import QuantOverrides
-    from ..recipes import load_recipe
+    """The source folder (downloaded when a hub id) and the ExportOptions of ``job``, made by
+    ``export``'s own builder from every export option the job holds."""
+    from ..export import options_from
 
-    source, implied = resolve_source(job.source)
-    recipe = job.recipe or implied
-    overrides = QuantOverrides.parse(output_type=job.output_type, embedding_type=job.embedding_type,
-                                     pure=job.pure, tensor_types=list(job.tensor_types))
-    return source, ExportOptions(
-        quants=tuple(quants), out_dir=folder, recipe=load_recipe(recipe) if recipe else None,
-        source_blocks=parse_block_list(job.source_blocks) if job.source_blocks else None,
-        chat_template=job.chat_template, name=job.name, allow_nonfinite=job.allow_nonfinite,
-        threads=job.threads or settings.threads, overrides=overrides,
-        imatrix=Path(job.imatrix) if job.imatrix else None, quiet=settings.quiet)
+    given = {key: getattr(job, key) for key in EXPORT_SETTINGS}
+    given.update(quants=tuple(quants), threads=job.threads or settings.threads)
+    return options_from(job.source, folder, quiet=settings.quiet, **given)
+
+
+# Export options that change how the work runs, never the bytes written.
+_NOT_IN_BYTES = ("threads", "force")
 
 
 def export_fingerprint(job: ModelJob) -> str:
-    """What the bytes of the files depend on: the source as it is now and the export settings."""
+    """What the bytes of the files depend on: the source and the files it names as they are now,
+    and every other export setting."""
     return fingerprint({
         "shortquant": __version__, "source": source_identity(job.source),
-        "imatrix": source_identity(job.imatrix) if job.imatrix else None,
-        **{key: getattr(job, key) for key in ("recipe", "name", "source_blocks", "chat_template", "output_type",
-                                               "embedding_type", "tensor_types", "pure", "allow_nonfinite",
-                                               "split_max_size")}})
+        **{key: source_identity(getattr(job, key)) if getattr(job, key) else None for key in ("imatrix", "calib")},
+        **{key: getattr(job, key) for key in EXPORT_SETTINGS if key not in _NOT_IN_BYTES + ("imatrix", "calib")},
+        "split_max_size": job.split_max_size})
+
+
+def _optimizes(job: ModelJob) -> bool:
+    return job.optimize or job.target_bpw is not None or job.target_size is not None
+
+
+def ladder_names(job: ModelJob, state: ModelState, expected: str | None = None) -> list[str]:
+    """The types (file names' keys) of the job's ladder, in order: its --quant types; for an
+    optimizing job, what its last export wrote (``expected``: only if made with that fingerprint)."""
+    from ..quant.types import parse_quants
+
+    if _optimizes(job):
+        record = state.data.get("ladder") or {}
+        return list(record.get("names", [])) if expected in (None, record.get("fingerprint")) else []
+    return [spec.name for spec in parse_quants(list(job.quants))]
 
 
 def source_identity(source: str) -> object:
@@ -199,13 +215,11 @@ def evaluate_step(job: ModelJob, out_root: str | Path, settings: RunSettings, ou
 
 def ladder_files(job: ModelJob, state: ModelState) -> list[ExportedFile]:
     """The finished files of the ladder, in ladder order (the first part of a split file)."""
-    from ..quant.types import parse_quants
-
     out = []
-    for spec in parse_quants(list(job.quants)):
-        entry = state.data["files"].get(spec.name)
+    for name in ladder_names(job, state):
+        entry = state.data["files"].get(name)
         if entry:
-            out.append(ExportedFile(path=state.folder / entry["paths"][0], quant=spec.name,
+            out.append(ExportedFile(path=state.folder / entry["paths"][0], quant=name,
                                     type_label=entry["type"], bytes=entry["bytes"], n_params=entry["n_params"],
                                     seconds=entry["seconds"]))
     return out
