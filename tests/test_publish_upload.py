@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from publish_helpers import make_gguf
 from shortquant.errors import PublishError
 from shortquant.publish.commands import publish_command
-from shortquant.publish.upload import MANIFEST, STAGED, check_repo_id, publish, upload_files
+from shortquant.hub import check_repo_id
+from shortquant.publish.upload import MANIFEST, STAGED, publish, upload_files
 
 
 class NetworkUsed(AssertionError):
