@@ -243,7 +243,8 @@ def cached_tool(version: str | None = None, name: str = "llama-perplexity") -> P
     installed llama-cpp-python (by :func:`ensure_tools`, or into the older
     ``llama-perplexity-<version>`` folder), or None; builds nothing."""
     version = version or installed_version()
-    builds = candidate_builds(version, default_cache(version)) + [cache_root() / f"llama-perplexity-{version}" / "build"]
+    builds = candidate_builds(version, default_cache(version))
+    builds.append(cache_root() / f"llama-perplexity-{version}" / "build")
     return next((path for path in (_binary(build, name) for build in builds) if path), None)
 
 

@@ -82,12 +82,13 @@ def export_step(job: ModelJob, out_root: str | Path, settings: RunSettings, log:
                 outcome.kept.append(quant)
             elif skipped.get(quant, {}).get("fingerprint") != expected:
                 todo.append(quant)
-        whole = len(todo) == len(ladder)
-        if _optimizes(job) and (todo or not ladder):   # all again, the old ladder's records dropped
-            outcome.kept, todo, whole = [], ladder_names(job, state), True
+        redo = bool(todo)
+        if _optimizes(job) and (todo or not ladder):   # all or nothing; the old ladder's records dropped
+            outcome.kept, todo, redo = [], ladder_names(job, state), True
         if outcome.kept:
             _say(outcome, log, f"up to date: {', '.join(outcome.kept)}")
-        if todo or whole and _optimizes(job):
+        if redo:
+            whole = _optimizes(job) or len(todo) == len(ladder)
             _export(job, folder, todo, whole, expected, state, settings, outcome, log)
     outcome.seconds += time.perf_counter() - start
     return outcome
@@ -113,7 +114,7 @@ def _export(job, folder, todo, whole_ladder, expected, state, settings, outcome,
         outcome.made.append(f.quant)
     for quant, reason in report.skipped.items():
         state.data["skipped"][quant] = {"fingerprint": expected, "reason": reason}
-    if _optimizes(job):   # what this export wrote is the ladder from now on
+    if _optimizes(job) and not report.failed:   # what it wrote is the ladder from now on
         state.data["ladder"] = {"fingerprint": expected, "names": [f.quant for f in report.files]}
     state.save()
     outcome.failed.update(report.failed)
