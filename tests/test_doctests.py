@@ -33,7 +33,7 @@ MODULES = _modules_with_examples()
 
 
 def test_the_known_examples_are_collected():
-    for name in ("shortquant.naming", "shortquant.plan", "shortquant.source.checkpoint", "shortquant.recipes"):
+    for name in ("shortquant.naming", "shortquant.quant.mixes", "shortquant.source.checkpoint", "shortquant.recipes"):
         assert name in MODULES
 
 
