@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from batch_helpers import gguf_bytes, make_checkpoints, write_jobs
+from batch_helpers import INIT, gguf_bytes, make_checkpoints, write_jobs
 from shortquant.batch import load_jobs, run_batch
 from shortquant.batch.jobsfile import JobsFileError
 from shortquant.batch.local import plan_workers
@@ -394,22 +394,41 @@ def _cli_args(settings: dict) -> list[str]:
     return args
 
 
-def test_jobs_file_takes_every_export_option(tmp_path, demo):
+def _demo_imatrix(path: Path, demo: Path) -> Path:
+    """An importance matrix covering every block weight of the demo model (random, positive)."""
+    import numpy as np
+
+    from shortquant.export import ExportOptions, make_model_plan
+    from shortquant.quant.imatrix import Imatrix, write_imatrix
+    from shortquant.source.checkpoint import open_checkpoint
+
+    plan = make_model_plan(open_checkpoint(demo), ExportOptions())
+    rng = np.random.default_rng(0)
+    sums = {t.name: rng.uniform(0.1, 2.0, (1, t.shape[-1])).astype(np.float32)
+            for t in plan.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    write_imatrix(path, Imatrix(sums, {n: np.array([64.0], np.float32) for n in sums}, datasets=["test"],
+                                chunk_count=1, chunk_size=64))
+    return path
+
+
+def test_jobs_file_takes_every_export_option(tmp_path, demo, small_tokenizer):
     """Each export option in a jobs file writes the very bytes of the same `export` command."""
     import yaml
 
+    from checkpoints import TinySpec, build_model, save_model
     from families import build_family_model, make_bpe_tokenizer
+    from shortquant.evaluate.perplexity import DEFAULT_TEXT
     from shortquant.export import EXPORT_SETTINGS
 
     bpe = tmp_path / "bpe"
-    vocab = make_bpe_tokenizer(bpe, "qwen2")
-    build_family_model("qwen2", vocab, layers=2).save_pretrained(bpe)
+    build_family_model("qwen2", make_bpe_tokenizer(bpe, "qwen2"), layers=1).save_pretrained(bpe)
+    tiny = save_model(build_model(TinySpec(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           vocab_size=small_tokenizer[1], extra=dict(INIT))),
+                      tmp_path / "tiny", tokenizer_model=small_tokenizer[0])
     calib = tmp_path / "calib.txt"
-    calib.write_text("Once upon a time, there was a little girl who liked to play in the park. " * 60)
-    imatrix = tmp_path / "demo.imatrix.gguf"
-    made = CliRunner().invoke(main, ["imatrix", str(demo), "--text", str(calib), "-o", str(imatrix),
-                                     "--ctx", "64", "--chunks", "2"])
-    assert made.exit_code == 0, made.output
+    calib.write_text(DEFAULT_TEXT.read_text(encoding="utf-8")[:2000])
+    imatrix = _demo_imatrix(tmp_path / "demo.imatrix.gguf", demo)
     entries = {
         "a": (demo, {"quants": ["f32", "q4_k_m"], "recipe": "shortquant-demo", "source_blocks": "0-3,5,7",
                      "chat_template": "vicuna", "name": "Tidy", "pad_ffn": 0, "imatrix": str(imatrix),
@@ -418,7 +437,7 @@ def test_jobs_file_takes_every_export_option(tmp_path, demo):
                      "license": "apache-2.0", "force": True}),
         "b": (demo, {"quants": ["q4_0"], "pure": True}),
         "c": (bpe, {"quants": ["f32"], "pre": "qwen2"}),
-        "d": (demo, {"quants": ["q4_k_m"], "optimize": True, "target_bpw": 5.5, "target_size": "4.2M",
+        "d": (tiny, {"quants": ["q4_k_m"], "optimize": True, "target_bpw": 5.5, "target_size": "1.1M",
                      "calib": str(calib), "threads": 1}),
     }
     assert set(EXPORT_SETTINGS) == {key for _, settings in entries.values() for key in settings}
@@ -426,15 +445,15 @@ def test_jobs_file_takes_every_export_option(tmp_path, demo):
     jobs.write_text(yaml.safe_dump({"models": [{"source": str(src), "folder": folder, **settings}
                                                for folder, (src, settings) in entries.items()]}))
     out = tmp_path / "out"
-    result = invoke(jobs, "--out", out, "--quiet")
+    result = invoke(jobs, "--out", out, "--jobs", 1, "--quiet")   # in this process: torch loads once
     assert result.exit_code == 0, result.output
     for folder, (src, settings) in entries.items():
         ref = tmp_path / "ref" / folder
         cli = CliRunner().invoke(main, ["export", str(src), "--out", str(ref), "--quiet", *_cli_args(settings)])
         assert cli.exit_code == 0, cli.output
         assert gguf_bytes(ref) and gguf_bytes(out / folder) == gguf_bytes(ref), folder
-    assert any("_OPT" in name for name in gguf_bytes(out / "d"))   # the optimizer did run
-    rerun = invoke(jobs, "--out", out, "--quiet")   # all up to date, the optimized ladder included
+    assert any("_OPT" in name for name in gguf_bytes(out / "d"))   # the optimizer ran
+    rerun = invoke(jobs, "--out", out, "--jobs", 1, "--quiet")   # all up to date, the optimized ladder too
     models = json.loads((out / "catalogue.json").read_text())["models"]
     assert rerun.exit_code == 0 and all(m["made"] == [] and m["kept"] for m in models), models
 
