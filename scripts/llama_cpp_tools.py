@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:   # run as a script from a checkout: shortquant beside scripts/
-    sys.path.append(str(REPO))
+if str(REPO) not in sys.path:   # run from a checkout: the shortquant beside scripts/, as the other scripts
+    sys.path.insert(0, str(REPO))
 
 from shortquant.resources import cache_root  # noqa: E402
 
