@@ -55,9 +55,10 @@ def run_job(source: Path, options: ExportOptions, steps: JobSteps = JobSteps(),
     """
     notify = on_step or (lambda name, result: None)
     progress = not options.quiet
-    from .publish.split import parse_size
+    from .errors import PublishError
+    from .sizes import parse_size
 
-    split_limit = parse_size(steps.split_max_size) if steps.split_max_size else None
+    split_limit = parse_size(steps.split_max_size, PublishError, "--split-max-size") if steps.split_max_size else None
     report = export(source, options, split_limit)
     result = JobResult(report=report)
     if steps.split_max_size:
