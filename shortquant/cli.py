@@ -293,8 +293,10 @@ def _print_export(report, source: Path, as_json: bool, quiet: bool) -> None:
             "failed": report.failed, "skipped": report.skipped,
             "optimized": [o.as_dict() for o in report.optimized]}, indent=2))
     elif not quiet:
+        from .sizes import format_size
+
         for f in report.files:
-            click.echo(f"{f.path}  {f.type_label:<8} {f.bytes / 1e6:9.1f} MB  {f.bpw:5.2f} bpw")
+            click.echo(f"{f.path}  {f.type_label:<8} {format_size(f.bytes):>10}  {f.bpw:5.2f} bpw")
         click.echo(f"done in {report.seconds:.1f} s")
 
 

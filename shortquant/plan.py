@@ -152,6 +152,8 @@ class FilePlan:
 
 def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
     """A human-readable account of every decision, as ``shortquant inspect`` prints it."""
+    from .sizes import format_size
+
     lines = [
         f"source:     {plan.source}",
         f"family:     {plan.converter}",
@@ -190,7 +192,7 @@ def describe(plan: ModelPlan, files: list[FilePlan] = ()) -> str:
         shape = "x".join(map(str, t.shape))
         lines.append(f"  {t.name:<28} {shape:<14} {t.transform.value:<10}{types}  {t.source}")
     for f in files:
-        lines.append(f"file: {f.path}  ({f.total_bytes(plan) / 1e6:.1f} MB of tensor data)")
+        lines.append(f"file: {f.path}  ({format_size(f.total_bytes(plan))} of tensor data)")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
