@@ -105,11 +105,6 @@ def test_the_walk_sees_imports_and_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-# The interim torch-model loader and the probe's loader call each other; issue 20's one model
-# builder (families/hf_model.py, branch `reader`) ends it. Delete this once that has landed.
-_BEING_REMOVED = [["shortquant.families.hf_model", "shortquant.quant.probe", "shortquant.families.hf_model"]]
-
-
 def test_no_import_cycles():
-    found = [c for c in cycles(import_graph()) if c not in _BEING_REMOVED]
+    found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)

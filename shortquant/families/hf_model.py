@@ -40,10 +40,12 @@ def load_torch_model(model_dir: Path, dtype=None):
 
     from shortquant.source.checkpoint import open_checkpoint
 
+    from . import find_family
     from .layout import read_layout
 
     dtype = dtype or torch.float32
-    layout = read_layout(open_checkpoint(Path(model_dir)))
+    checkpoint = open_checkpoint(Path(model_dir))
+    layout = read_layout(checkpoint, find_family(checkpoint))
     folder = layout.checkpoint.folder
     if layout.experts:   # a mixture of experts: its experts fused as transformers 5 holds them
         from .moe_torch import load_moe_model

@@ -67,15 +67,13 @@ def sub_block(suffix: str) -> str:
     return "attn" if suffix.startswith(("self_attn.", "input_layernorm")) else "mlp"
 
 
-def read_layout(checkpoint, family: Family | None = None, *, source_blocks: Sequence[int] | None = None,
+def read_layout(checkpoint, family: Family, *, source_blocks: Sequence[int] | None = None,
                 recipe=None, remove_blocks: Sequence[int] | None = None, pruning_method: str | None = None) -> Layout:
-    """The ``Layout`` of ``checkpoint`` (no weights read); ``source_blocks`` / ``recipe`` only say
-    where the blocks came from (``BlockMap.original``). ``remove_blocks`` (stored indices): the
-    layout of the checkpoint saved without them, its config read as that checkpoint's would be
+    """The ``Layout`` of ``checkpoint`` as ``family`` reads it (no weights read; the caller finds
+    the family, so this module stays below the package's registry); ``source_blocks`` / ``recipe``
+    only say where the blocks came from (``BlockMap.original``). ``remove_blocks`` (stored indices):
+    the layout of the checkpoint saved without them, its config read as that checkpoint's would be
     (``layout.checkpoint`` carries it; ``pruning_method`` says how they were chosen)."""
-    if family is None:
-        from . import find_family
-        family = find_family(checkpoint)
     folder = checkpoint.folder
     table = {**family.block_tensors, **family.optional_block_tensors}
     try:
