@@ -22,9 +22,8 @@ from pathlib import Path
 
 from shortquant.errors import SourceError, WeightError
 
-# config.json keys that describe the checkpoint's file rather than the model transformers builds
-NOT_MODEL_KEYS = ("architectures", "auto_map", "model_type", "block_configs", "drop_attn_list", "drop_mlp_list",
-                  "transformers_version")
+from .torch_names import NOT_MODEL_KEYS, model_class, torch_name
+
 # config.json keys holding one value per block: they follow the kept blocks
 PER_BLOCK_KEYS = ("layer_types",)
 
@@ -69,12 +68,6 @@ def load_torch_model(model_dir: Path, dtype=None):
     if left:
         raise AssertionError(f"{folder}: torch model left {left[0]} uninitialised")
     return model.to(dtype).eval()
-
-
-def model_class(family):
-    import transformers
-
-    return getattr(transformers, family.torch_model)
 
 
 def torch_config(layout):
@@ -132,18 +125,6 @@ def reshape_block(layer, shape, hp, present) -> None:
         else:
             ff = shape.n_ff
             fit(layer.mlp, "mlp", (("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)))
-
-
-def torch_name(name: str, stored, prefix: str = "model.layers") -> str:
-    """The model's parameter name of checkpoint tensor ``name`` (block ``stored[n]`` is block ``n``).
-
-    >>> torch_name("model.layers.4.mlp.up_proj.weight", (0, 1, 4))
-    'model.layers.2.mlp.up_proj.weight'
-    """
-    if not name.startswith(prefix + "."):
-        return name
-    index, rest = name[len(prefix) + 1:].split(".", 1)
-    return f"{prefix}.{list(stored).index(int(index))}.{rest}"
 
 
 def assign_weights(model, layout, dtype) -> None:

@@ -22,7 +22,7 @@ def load_moe_model(layout, dtype):
     """The model of ``layout`` (a ``layout.Layout`` with experts) in ``dtype``, eval mode."""
     import torch
 
-    from .hf_model import NOT_MODEL_KEYS, model_class, torch_name
+    from .torch_names import NOT_MODEL_KEYS, model_class, torch_name
 
     family, checkpoint, stored = layout.family, layout.checkpoint, layout.stored
     count = layout.hp["n_expert"]

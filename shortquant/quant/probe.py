@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import QuantError
-from ..families.hf_model import load_torch_model, torch_name
+from ..families.hf_model import load_torch_model
+from ..families.torch_names import torch_name
 
 
 def hf_name(source: str, stored_blocks: Sequence[int] | None) -> str:
