@@ -435,7 +435,7 @@ def test_jobs_file_takes_every_export_option(tmp_path, demo, small_tokenizer):
                      "output_type": "q8_0", "embedding_type": "q6_k", "tensor_types": ["ffn_down=q5_k"],
                      "threads": 1, "allow_nonfinite": True, "base_model": "me/base-model",
                      "license": "apache-2.0", "force": True}),
-        "b": (demo, {"quants": ["q4_0"], "pure": True}),
+        "b": (demo, {"quants": ["q4_0"], "pure": True, "remove_blocks": "2"}),
         "c": (bpe, {"quants": ["f32"], "pre": "qwen2"}),
         "d": (tiny, {"quants": ["q4_k_m"], "optimize": True, "target_bpw": 5.5, "target_size": "1.1M",
                      "calib": str(calib), "threads": 1}),

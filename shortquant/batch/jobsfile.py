@@ -69,6 +69,7 @@ class ModelJob:
     recipe: str | None = None
     name: str | None = None
     source_blocks: str | None = None
+    remove_blocks: str | None = None
     chat_template: str | None = None
     imatrix: str | None = None
     output_type: str | None = None
@@ -206,7 +207,7 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     return ModelJob(
         index=index, source=source, folder=folder, recipe=s["recipe"], name=s["name"],
         quants=default_quants(s["quants"], s["target_bpw"], s["target_size"]),
-        source_blocks=_blocks_text(s["source_blocks"]), chat_template=s["chat_template"], imatrix=s["imatrix"],
+        source_blocks=_blocks_text(s["source_blocks"]), remove_blocks=_blocks_text(s["remove_blocks"]), chat_template=s["chat_template"], imatrix=s["imatrix"],
         output_type=s["output_type"], embedding_type=s["embedding_type"], tensor_types=tuple(s["tensor_types"]),
         pure=s["pure"], allow_nonfinite=s["allow_nonfinite"], threads=s["threads"], eval=s["eval"],
         bench=s["bench"], text=s["text"], ctx=s["ctx"], base=s["base"],
@@ -290,13 +291,14 @@ def _check_names(values: dict, problem) -> None:
             chat_template(values["chat_template"])
         except ShortquantError as exc:
             problem("chat_template", str(exc))
-    if values.get("source_blocks") is not None:
-        from ..layers import parse_block_list
+    for key in ("source_blocks", "remove_blocks"):
+        if values.get(key) is not None:
+            from ..layers import parse_block_list
 
-        try:
-            parse_block_list(_blocks_text(values["source_blocks"]))
-        except (ValueError, TypeError):
-            problem("source_blocks", f"{values['source_blocks']!r} is not a list like '0-23,30,31'")
+            try:
+                parse_block_list(_blocks_text(values[key]))
+            except (ValueError, TypeError):
+                problem(key, f"{values[key]!r} is not a list like '0-23,30,31'")
     from ..sizes import parse_size
 
     for key, error in (("split_max_size", ShortquantError), ("target_size", QuantError)):

@@ -66,7 +66,7 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
 
     from tqdm import tqdm
 
-    from ..cli import _options_from
+    from ..export_cli import _options_from
     from ..errors import EvalError, LayoutError
     from ..evaluate.perplexity import read_text
     from ..export import make_model_plan
@@ -115,7 +115,7 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     report = _print_choice(block_map, scores, choices, chosen, removed, runner_info=(len(pieces), held, ctx),
                            as_json=as_json, quiet=quiet, saved=saved)
     if quants:
-        from ..cli import _export_printer
+        from ..export_cli import _export_printer
         from ..job import run_job
 
         options = dataclasses.replace(options, remove_blocks=removed, pruning_method=method)
