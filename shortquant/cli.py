@@ -122,10 +122,15 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 @click.option("--optimize", is_flag=True,
               help="Measure the model and choose every tensor's type for the least KL divergence at no more "
                    "than each --quant's own file size (needs --calib); the file is named <TYPE>_OPT.")
-@click.option("--target-bpw", type=float, metavar="BITS",
-              help="Also write an optimized file of at most this many bits per weight (needs --calib).")
+@click.option("--target-bpw", metavar="BITS[,BITS...]",
+              help="Also write an optimized file of at most this many bits per weight (needs --calib); "
+                   "a comma list, e.g. 2.5,3,4,5, writes a ladder from one measurement.")
 @click.option("--target-size", metavar="SIZE",
               help="Also write an optimized file of at most SIZE bytes, e.g. 3.2G (needs --calib).")
+@click.option("--probe-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+              show_default=True,
+              help="dtype of the model --optimize probes: auto is bfloat16 for a 16-bit checkpoint of 0.5B+ "
+                   "parameters (half float32's memory), else float32.")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Calibration text for --optimize / --target-*; never the text you evaluate on.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
@@ -155,7 +160,7 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
            split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None, optimize=False,
-           target_bpw=None, target_size=None, calib=None):
+           target_bpw=None, target_size=None, calib=None, probe_dtype="auto"):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -173,6 +178,7 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
       shortquant export ./model -q f16 -q q8_0 -q q4_k_m --eval --text wiki.test.raw --card
       shortquant export ./model -q q4_k_m --optimize --calib calib.txt --imatrix model.imatrix.gguf
       shortquant export ./model --target-bpw 4.5 --calib calib.txt
+      shortquant export ./model --target-bpw 2.5,3,3.5,4,4.5,5,6 --calib calib.txt
     """
     from .errors import PublishError
     from .job import JobSteps, run_job
@@ -186,7 +192,7 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
                                   tensor_types=tuple(tensor_types), pure=pure, optimize=optimize,
                                   target_bpw=target_bpw, target_size=target_size, calib=calib, threads=threads,
                                   allow_nonfinite=allow_nonfinite, base_model=base_model, license=license_id,
-                                  force=force)
+                                  force=force, probe_dtype=probe_dtype)
     steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
                      card=make_card)
     result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))

@@ -332,3 +332,117 @@ def test_optimize_with_an_imatrix_from_llama_cpp_evaluation(tiny, texts, tmp_pat
         assert reader.get_field(keys.OPTIMIZE_BUDGET).contents() == standard.stat().st_size
     else:
         assert written.read_bytes() == standard.read_bytes()
+
+
+# -- a ladder from one measurement ---------------------------------------------------------------
+def test_a_ladder_is_measured_once_and_each_file_is_the_single_runs(tiny, texts, tmp_path, monkeypatch):
+    """-q q3_k_m -q q4_k_m --optimize --target-bpw 4.5,5.5: one measurement, four files, each
+    within its budget and byte-identical to a run for that target alone."""
+    from shortquant.quant import optimize
+
+    calls = []
+    real = optimize.measure
+    monkeypatch.setattr(optimize, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calib, _ = texts
+    ladder = library_export(tiny, tmp_path / "ladder", ["q3_k_m", "q4_k_m"], calib, optimize=True,
+                            target_bpw=(4.5, 5.5))
+    assert len(calls) == 1
+    assert len(ladder.files) == len(ladder.optimized) == 4
+    for outcome in ladder.optimized:
+        assert outcome.bytes <= outcome.target.budget
+        assert outcome.peak_rss["solve and verify"] >= outcome.peak_rss["before"] > 0
+    by_name = {f.path.name: f for f in ladder.files}
+    assert sum(n.endswith("_OPT.gguf") for n in by_name) >= 2   # at least the bpw targets are optimized
+    singles = [(["q4_k_m"], {"optimize": True}), ([], {"target_bpw": 5.5})]
+    for quants, request in singles:
+        single = library_export(tiny, tmp_path / f"single{len(calls)}", quants, calib, **request)
+        (alone,) = single.files
+        assert alone.path.read_bytes() == by_name[alone.path.name].path.read_bytes(), alone.path.name
+    assert len(calls) == 3
+
+
+def test_target_bpw_takes_a_comma_list(tiny, texts, tmp_path):
+    from shortquant.errors import QuantError
+    from shortquant.quant.optimize import parse_target_bpw
+
+    assert parse_target_bpw("2.5,3, 6") == (2.5, 3.0, 6.0)
+    for bad in ("3,x", "3,3", "0,4", "40"):
+        with pytest.raises(QuantError):
+            parse_target_bpw(bad)
+    bad = run_export(tiny, tmp_path / "bad", "--target-bpw", "4,four", "--calib", str(texts[0]))
+    assert bad.exit_code == 2 and "--target-bpw" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- the bfloat16 probe path -----------------------------------------------------------------------
+def test_bf16_probe_agrees_with_float32(tiny, texts):
+    """The bfloat16 model's reference log-probs are the float32 model's within bfloat16's
+    rounding, and a probe measures the same KLD to within a few per cent."""
+    import torch
+
+    from shortquant.quant.imatrix import chunk_tokens
+    from shortquant.quant.probe import Prober, probe_dtype
+    from shortquant.quant.sensitivity import roundtrip
+    from gguf import GGMLQuantizationType as T
+
+    tokens, bos = encode_text_of(tiny, texts[0])
+    chunks = chunk_tokens(tokens, ctx=64, chunks=2, bos_id=bos)
+    full, half = Prober(tiny, chunks), Prober(tiny, chunks, dtype="bfloat16")
+    assert half.model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert half.replay   # rerunning blocks from their kept (bfloat16) inputs still matches
+    for a, b in zip(full.reference, half.reference):
+        diff = (a - b).abs()
+        # bfloat16 keeps 8 bits of mantissa: log-probs of a few nats move by a few hundredths
+        assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.2
+        # and the probability mass moves by little: KL(float32 || bfloat16) per token
+        assert float((a.exp() * (a - b)).sum(-1).mean()) < 1e-3
+    source = "model.layers.1.mlp.down_proj.weight"
+    w = full.params[source].detach().numpy()
+    q3 = roundtrip(w, T.Q3_K)
+    klds = []
+    for prober in (full, half):
+        prober.set_weight(source, q3)
+        klds.append(prober.kld(from_block=1))
+        prober.restore()
+    assert klds[0] > 1e-4 and klds[1] == pytest.approx(klds[0], rel=0.1)
+    assert probe_dtype("auto", 10**9, {"F32"}) == "float32" and probe_dtype("bfloat16", 10, {"F32"}) == "bfloat16"
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory, small_tokenizer):
+    """The tiny LLaMA stored in bfloat16, as the checkpoints the bfloat16 probe is for."""
+    import torch
+
+    tok_path, vocab = small_tokenizer
+    spec = TinySpec(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=vocab, extra={"initializer_range": 0.05})
+    model = build_model(spec).to(torch.bfloat16)
+    return save_model(model, tmp_path_factory.mktemp("tiny-bf16") / "src", tokenizer_model=tok_path)
+
+
+def test_bf16_probe_chooses_nearly_the_same_types(tiny_bf16, texts, tmp_path):
+    """Probing in bfloat16 picks a mix close to float32's, and one that measures as well.
+
+    Not the very same mix: on this model 4 of 30 tensors differ by one type step (measured:
+    float32's mix KLD 0.0085, bfloat16's 0.0091, Q4_K_M's 0.0246 on the held-apart chunks),
+    since a probe's KLD is small enough that bfloat16 activations move it by some per cent.
+    """
+    calib, _ = texts
+    outcomes = {}
+    for dtype in ("float32", "bfloat16"):
+        report = library_export(tiny_bf16, tmp_path / dtype, ["q4_k_m"], calib, optimize=True, probe_dtype=dtype)
+        (outcome,) = report.optimized
+        assert outcome.probe_dtype == dtype and outcome.optimized
+        outcomes[dtype] = outcome
+    a, b = (outcomes[d].file.tensor_types for d in ("float32", "bfloat16"))
+    differ = [n for n in a if a[n] != b[n]]
+    assert len(differ) <= len(a) // 5, differ
+    full, half = outcomes["float32"], outcomes["bfloat16"]
+    assert half.kld_reference == pytest.approx(full.kld_reference, rel=0.02)   # the same Q4_K_M, measured
+    assert half.kld == pytest.approx(full.kld, rel=0.15)
+    assert half.kld < 0.5 * half.kld_reference
+
+
+def encode_text_of(model, path):
+    from shortquant.tokenizer.encode import encode_text
+
+    return encode_text(model, path.read_text())

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import QuantError, ShortquantError
 from ..export import EXPORT_SETTINGS, default_quants, optimize_request
+from ..quant.probe import PROBE_DTYPES as _TORCH_DTYPES
 from ..hub import check_repo_id, is_hub_id
 
 # Settings allowed at the top level (defaults) and in each model entry, with their defaults:
@@ -45,6 +46,7 @@ DEFAULTS = {
     "private": False,
 }
 MODEL_ONLY = ("source", "folder")
+PROBE_DTYPES = ("auto", *_TORCH_DTYPES)
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PATTERN_FIELDS = {"folder", "name", "source"}   # what a repo pattern may use: me/{folder}-GGUF
 
@@ -92,10 +94,11 @@ class ModelJob:
     base_model: str | None = None
     license: str | None = None
     optimize: bool = False
-    target_bpw: float | None = None
+    target_bpw: float | tuple[float, ...] | None = None
     target_size: str | None = None
     calib: str | None = None
     force: bool = False
+    probe_dtype: str = "auto"
 
 
 @dataclass
@@ -194,7 +197,7 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     if len(problems) > before:
         return None
     try:   # export's own rule: --calib with, and only with, --optimize or a target
-        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"])
+        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"])
     except ShortquantError as exc:
         problem("calib", str(exc))
         return None
@@ -213,8 +216,10 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
         bench=s["bench"], text=s["text"], ctx=s["ctx"], base=s["base"],
         split_max_size=None if s["split_max_size"] is None else str(s["split_max_size"]), card=s["card"],
         repo=repo, private=s["private"], pre=s["pre"], pad_ffn=s["pad_ffn"], base_model=s["base_model"],
-        license=s["license"], optimize=s["optimize"], target_bpw=s["target_bpw"],
-        target_size=None if s["target_size"] is None else str(s["target_size"]), calib=s["calib"], force=s["force"])
+        license=s["license"], optimize=s["optimize"],
+        target_bpw=tuple(s["target_bpw"]) if isinstance(s["target_bpw"], list) else s["target_bpw"],
+        target_size=None if s["target_size"] is None else str(s["target_size"]), calib=s["calib"], force=s["force"],
+        probe_dtype=s["probe_dtype"])
 
 
 def _check_settings(values: dict, base_dir: Path, problem) -> dict:
@@ -233,8 +238,11 @@ def _check_settings(values: dict, base_dir: Path, problem) -> dict:
     if values.get("pad_ffn") is not None and not _whole(values["pad_ffn"], 0):
         problem("pad_ffn", f"expected a whole number >= 0, not {values['pad_ffn']!r}")
     bpw = values.get("target_bpw")
-    if bpw is not None and (isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not 0 < bpw <= 32):
-        problem("target_bpw", f"expected bits per weight between 0 and 32, not {bpw!r}")
+    if bpw is not None and not all(not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= 32
+                                   for v in (bpw if isinstance(bpw, list) and bpw else [bpw])):
+        problem("target_bpw", f"expected bits per weight between 0 and 32 (or a list of them), not {bpw!r}")
+    if "probe_dtype" in values and values["probe_dtype"] not in PROBE_DTYPES:
+        problem("probe_dtype", f"expected one of {', '.join(PROBE_DTYPES)}, not {values['probe_dtype']!r}")
     for key in ("recipe", "name", "chat_template", "output_type", "embedding_type", "pre", "base_model", "license"):
         if values.get(key) is not None and not isinstance(values[key], str):
             problem(key, f"expected text, not {values[key]!r}")

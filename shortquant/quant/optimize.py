@@ -18,7 +18,10 @@
 
 The result is a :class:`FilePlan` like any other: the chosen types are fed through
 ``choose_types`` as exact ``--tensor-type`` overrides, and the writer adds ``shortquant.optimize.*``
-metadata. Several targets share one measurement (a ladder).
+metadata. Several targets share one measurement (a ladder: ``-q q3_k_m -q q4_k_m --optimize``,
+``--target-bpw 3,4,5``): the candidate types do not depend on which targets were asked for, so
+every file of a ladder is byte-identical to the file a run for that target alone writes.
+``--json`` reports each stage's seconds and the process's peak RSS at its end (:func:`peak_rss`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class OptimizeSettings:
     probe_chunks: int | None = None   # calibration chunks the probes measure KLD on [by model size]
     verify_chunks: int = 2       # further chunks the verification measures on
     max_probe_blocks: int = 8    # blocks probed tensor by tensor (cut neighbours first)
+    probe_dtype: str = "auto"    # the torch model's dtype: float32, bfloat16, auto (probe.probe_dtype)
     threads: int | None = None
     quiet: bool = False
     base_metadata: tuple[MetaItem, ...] = ()   # what export adds to every file (counted in budgets)
@@ -71,18 +75,19 @@ class OptimizeRequest:
     """What ``export`` was asked to optimize (``ExportOptions.optimize``).
 
     ``optimize``: every quantized ``--quant`` becomes its optimized variant, within the
-    standard mix's own file size; ``target_bpw`` / ``target_size``: one more file within that
-    budget (bits per weight over all parameters, or whole-file bytes).
+    standard mix's own file size; ``target_bpw`` (one value or several) / ``target_size``: one
+    more file within each budget (bits per weight over all parameters, or whole-file bytes).
     """
 
     calib: Path
     optimize: bool = False
-    target_bpw: float | None = None
+    target_bpw: float | tuple[float, ...] | None = None
     target_size: int | None = None
     ctx: int = 256
     probe_chunks: int | None = None
     verify_chunks: int = 2
     max_probe_blocks: int = 8
+    probe_dtype: str = "auto"
 
 
 def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], options, importance: dict,
@@ -102,7 +107,7 @@ def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], option
         return list(files), []
     settings = OptimizeSettings(calib=request.calib, ctx=request.ctx, probe_chunks=request.probe_chunks,
                                 verify_chunks=request.verify_chunks, max_probe_blocks=request.max_probe_blocks,
-                                threads=options.threads, quiet=options.quiet,
+                                probe_dtype=request.probe_dtype, threads=options.threads, quiet=options.quiet,
                                 base_metadata=tuple(base_metadata), overrides=options.overrides)
     return optimize_files(checkpoint, plan, files, targets, settings, importance, options.out_dir, has_imatrix)
 
@@ -150,6 +155,8 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     encoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # for the writer
     seconds: dict[str, float] = field(default_factory=dict)   # the whole run's, by stage
+    peak_rss: dict[str, int] = field(default_factory=dict)    # process peak RSS (bytes) at each stage's end
+    probe_dtype: str = ""
 
     def as_dict(self) -> dict:
         """For ``export --json``."""
@@ -158,7 +165,9 @@ class Outcome:
                 "optimized": self.optimized, "bytes": self.bytes, "base_mix": ref.quant if ref else None,
                 "kld_calibration": self.kld, "kld_calibration_base_mix": self.kld_reference,
                 "kld_predicted": self.predicted, "notes": self.notes,
-                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+                "peak_rss_mb": {k: round(v / 2**20) for k, v in self.peak_rss.items()},
+                "probe_dtype": self.probe_dtype}
 
 
 # -- budgets, counted by planning the file ------------------------------------------------------
@@ -187,11 +196,31 @@ def file_bytes(plan: ModelPlan, file_plan: FilePlan, extra: Sequence[MetaItem] |
     return GGUFFileWriter(plan, bare, tuple(base) + tuple(extra)).planned_size()
 
 
+def parse_target_bpw(text) -> tuple[float, ...]:
+    """Bits per weight in ``4.5`` or a comma list ``2.5,3,4`` (a ladder, measured once); a jobs
+    file may give a number or a list of numbers.
+
+    >>> parse_target_bpw("2.5, 3,4")
+    (2.5, 3.0, 4.0)
+    """
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        values = tuple(float(v) for v in items)
+    except ValueError:
+        raise QuantError(f"--target-bpw wants bits per weight like 4.5 or 3,4,5, got {text!r}") from None
+    for v in values:
+        if not 0 < v <= 32:
+            raise QuantError(f"--target-bpw must be between 0 and 32 bits per weight, got {v:g}")
+    if len(set(values)) != len(values):
+        raise QuantError(f"--target-bpw lists a value twice: {text!r}")
+    return values
+
+
 def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, target_bpw: float | None,
                  target_size: int | None, out_dir: Path, overrides=None, has_imatrix: bool = False,
                  base: Sequence[MetaItem] = ()) -> list[Target]:
     """The optimized files to make: one per quantized file of ``files`` (with ``optimize``),
-    plus one for a bpw or size target."""
+    plus one for each bpw target and for a size target."""
     targets = []
     if optimize:
         for f in files:
@@ -200,7 +229,8 @@ def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, 
                 continue
             label = spec.label + OPT_SUFFIX
             targets.append(Target(f"{spec.name}-opt", label, file_bytes(plan, f, base=base), f, spec))
-    for value, what in ((target_bpw, "bpw"), (target_size, "size")):
+    bpws = () if target_bpw is None else (target_bpw,) if isinstance(target_bpw, (int, float)) else target_bpw
+    for value, what in [*((v, "bpw") for v in bpws), (target_size, "size")]:
         if value is None:
             continue
         if what == "bpw":
@@ -469,7 +499,7 @@ def solve_target(plan: ModelPlan, target: Target, m: Measurement, settings: Opti
     if target.reference is not None:
         start = {n: target.reference.tensor_types[n] for n in options}
     tensor_budget = target.budget - head - fixed_bytes
-    for _ in range(8):   # the list of changes is metadata too: shrink until the whole file fits
+    for attempt in range(12):   # the list of changes is metadata too: shrink until the whole file fits
         try:
             choice = solve(options, tensor_budget, start)
         except BudgetTooSmall as exc:
@@ -484,7 +514,9 @@ def solve_target(plan: ModelPlan, target: Target, m: Measurement, settings: Opti
         if size <= target.budget:
             predicted = sum(o.cost for n, opts in options.items() for o in opts if o.qtype == choice[n])
             return fp, predicted
-        tensor_budget -= size - target.budget
+        # doubling the cut each time: an overrun smaller than any tensor's next step down
+        # (a padding's 64 bytes) would otherwise leave the same mix, and overrun, every time
+        tensor_budget -= (size - target.budget) << attempt
     raise QuantError(f"{target.label}: could not fit the file into {target.budget:,} bytes")
 
 
@@ -524,6 +556,8 @@ class MixVerifier:
 
     A tensor is quantized again only when its type differs from the mix measured before (the
     optimized mix is measured right after its standard mix, so only the tensors it changed).
+    The checkpoint's own weights are not kept beside the mixes (that would hold the model
+    twice): after :meth:`close` the prober's model holds the last mix and is not used again.
     The encodings are kept, up to ``keep_bytes``, for the writer: the file written is then
     made of the very bytes that were measured, and nothing is quantized twice.
     """
@@ -554,7 +588,7 @@ class MixVerifier:
                     self.encoded[(t.name, qtype)] = encoded
                     self.keep_bytes -= encoded.nbytes
             decoded = dequantize(encoded, qtype, t.shape[-1], self.threads)
-            self.prober.set_weight(t.source, source_layout(self.checkpoint, t, decoded))
+            self.prober.set_weight(t.source, source_layout(self.checkpoint, t, decoded), keep_original=False)
             self.current[t.name] = qtype
         return self.prober.kld(which)
 
@@ -563,9 +597,36 @@ class MixVerifier:
         return {name: self.encoded[(name, q)] for name, q in types.items() if (name, q) in self.encoded}
 
     def close(self) -> None:
-        self.prober.restore()
+        self.prober.restore()   # what a probe kept, if anything; the mixes' weights stay
         self.current.clear()
         self.encoded.clear()   # what the writer needs stays with the outcomes
+
+
+def standard_types(plan: ModelPlan, targets: Sequence[Target], out_dir: Path, overrides,
+                   has_imatrix: bool) -> dict[str, set[T]]:
+    """Per tensor, every type a standard mix gives it: those of all REFERENCE_MIXES, whichever
+    targets were asked for (so a ladder measures the very candidates a single run does and
+    writes the same bytes), plus those of the targets' own standard mixes."""
+    out: dict[str, set[T]] = {}
+    mixes = [plan_file(plan, name, out_dir, overrides, has_imatrix, require_imatrix=False) for name in REFERENCE_MIXES]
+    for fp in mixes + [t.reference for t in targets if t.reference is not None]:
+        for name, qtype in fp.tensor_types.items():
+            out.setdefault(name, set()).add(qtype)
+    return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cache_budget() -> int:
@@ -591,7 +652,7 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
     from ..evaluate.perplexity import read_text
     from .imatrix import chunk_tokens
     from ..tokenizer.encode import encode_text
-    from .probe import Prober
+    from .probe import Prober, probe_dtype
 
     for target in targets:   # before any measuring: a budget nothing can meet is an error at once
         check_reachable(plan, target, out_dir, has_imatrix, settings.base_metadata)
@@ -612,15 +673,16 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
         reused = False
     del probe_slice
     started = time.perf_counter()
-    prober = Prober(plan.source, chunks, settings.threads, plan.block_map.stored, settings.probe_chunks)
+    peaks = {"before": peak_rss()}
+    dtype = probe_dtype(settings.probe_dtype, plan.n_params,
+                        {checkpoint.tensors[t.source].dtype for t in plan.tensors if not t.computed and t.source})
+    prober = Prober(plan.source, chunks, settings.threads, plan.block_map.stored, settings.probe_chunks, dtype)
     seconds = {"model and reference": time.perf_counter() - started}
-    extra_types: dict[str, set[T]] = {}
-    for target in targets:
-        if target.reference is not None:
-            for name, qtype in target.reference.tensor_types.items():
-                extra_types.setdefault(name, set()).add(qtype)
+    peaks["model and reference"] = peak_rss()
+    extra_types = standard_types(plan, targets, out_dir, settings.overrides, has_imatrix)
     m = measure(checkpoint, plan, prober, importance, settings, extra_types, has_imatrix)
     seconds.update(m.seconds)
+    peaks["errors and probes"] = peak_rss()
     started = time.perf_counter()
 
     outcomes = []
@@ -661,8 +723,9 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
     finally:
         verifier.close()
     seconds["solve and verify"] = time.perf_counter() - started
+    peaks["solve and verify"] = peak_rss()
     for outcome in outcomes:
-        outcome.seconds = seconds
+        outcome.seconds, outcome.peak_rss, outcome.probe_dtype = seconds, peaks, dtype
     out = [replaced.get(f.quant, f) for f in files] + [f for f in added if f.quant not in {x.quant for x in files}]
     return _unique(out), outcomes
 

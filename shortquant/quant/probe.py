@@ -1,6 +1,7 @@
 """Probing the Hugging Face model itself: how much does changing some weights move its output?
 
-A :class:`Prober` loads the checkpoint's torch model (``families.hf_model``: float32, CPU), runs
+A :class:`Prober` loads the checkpoint's torch model (``families.hf_model``, CPU; float32, or
+bfloat16 for a large 16-bit checkpoint: half the memory, see :func:`probe_dtype`), runs
 the calibration chunks once to keep the reference log-probabilities and, on the way, the statistics the error
 weighting needs (mean squared input of every linear layer's columns, token counts). Then any
 set of weights can be swapped in and the mean KL divergence from the reference measured on the
@@ -26,6 +27,28 @@ from ..families.hf_model import load_torch_model
 from ..families.torch_names import torch_name
 
 
+PROBE_DTYPES = ("float32", "bfloat16")
+# From this many parameters a 16-bit checkpoint is probed in bfloat16 ("auto"): float32 would
+# need 4 bytes a parameter (28 GB for a 7B); below it float32 is cheap and a little more exact.
+BF16_FROM_PARAMS = 500_000_000
+
+
+def probe_dtype(requested: str, n_params: int, source_dtypes) -> str:
+    """The dtype to probe in: ``requested`` unless "auto"; auto is bfloat16 for a model of at
+    least BF16_FROM_PARAMS parameters stored in 16 bits (BF16/F16: nothing is lost loading it
+    in bfloat16 beyond F16's extra mantissa bits), else float32.
+
+    >>> probe_dtype("auto", 7_000_000_000, {"BF16"}), probe_dtype("auto", 135_000_000, {"BF16"})
+    ('bfloat16', 'float32')
+    """
+    if requested != "auto":
+        if requested not in PROBE_DTYPES:
+            raise QuantError(f"--probe-dtype must be auto, {' or '.join(PROBE_DTYPES)}, got {requested!r}")
+        return requested
+    sixteen = set(source_dtypes) <= {"BF16", "F16"}
+    return "bfloat16" if sixteen and n_params >= BF16_FROM_PARAMS else "float32"
+
+
 def hf_name(source: str, stored_blocks: Sequence[int] | None) -> str:
     """The model's parameter name of a checkpoint tensor (blocks renumbered 0..N-1 as
     ``load_torch_model`` numbers them; ``stored_blocks`` None: names as stored)."""
@@ -36,20 +59,26 @@ class Prober:
     """The model, its reference outputs on the calibration chunks, and weight swapping.
 
     The first ``probe_chunks`` chunks (all by default) are the probe chunks: the reference pass
-    keeps every block's input on them, so a probe of a tensor in block ``b`` reruns only blocks
-    ``b`` onwards (``kld(from_block=b)``). The reference log-probabilities are kept in float32
-    (the KL divergence is summed in float64); the probabilities are recomputed from them.
+    keeps every block's input on them (in the model's dtype), so a probe of a tensor in block
+    ``b`` reruns only blocks ``b`` onwards (``kld(from_block=b)``). The reference
+    log-probabilities are kept in float32 whatever the model's dtype (the KL divergence is summed
+    in float64; bfloat16 log-probs would err by ~0.02 nats, more than a probe's whole KLD).
+    ``dtype``: "float32" (default) or "bfloat16"; swapped-in weights are rounded to it.
     """
 
     def __init__(self, model_dir: Path, chunks: Sequence[Sequence[int]], threads: int | None = None,
-                 stored_blocks: Sequence[int] | None = None, probe_chunks: int | None = None):
+                 stored_blocks: Sequence[int] | None = None, probe_chunks: int | None = None,
+                 dtype: str = "float32"):
         import torch
 
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
         self.stored_blocks = tuple(stored_blocks) if stored_blocks is not None else None
-        self.model = load_torch_model(model_dir)
+        if dtype not in PROBE_DTYPES:
+            raise QuantError(f"probe dtype must be one of {', '.join(PROBE_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.model = load_torch_model(model_dir, getattr(torch, dtype))
         self.params = {name: p for name, p in self.model.named_parameters()}
         self.chunks = [torch.as_tensor(np.asarray(c, dtype=np.int64))[None, :] for c in chunks]
         self.n_probe = len(self.chunks) if probe_chunks is None else min(probe_chunks, len(self.chunks))
@@ -141,8 +170,12 @@ class Prober:
         """Mean squared input per column of the linear layer holding checkpoint tensor ``source``."""
         return self.col_sq.get(hf_name(source, self.stored_blocks))
 
-    def set_weight(self, source: str, value: np.ndarray) -> None:
-        """Use ``value`` (the parameter's shape) for checkpoint tensor ``source`` until :meth:`restore`."""
+    def set_weight(self, source: str, value: np.ndarray, keep_original: bool = True) -> None:
+        """Use ``value`` (the parameter's shape) for checkpoint tensor ``source`` until :meth:`restore`.
+
+        ``keep_original=False``: no copy of the checkpoint's weight is kept, so :meth:`restore`
+        cannot put it back (for whole-mix measurements, which replace every weight: keeping
+        them all would hold the model twice)."""
         torch = self.torch
         param = hf_name(source, self.stored_blocks)
         p = self.params.get(param)
@@ -151,9 +184,9 @@ class Prober:
         if tuple(p.shape) != tuple(value.shape):
             raise QuantError(f"probe of {param}: shape {value.shape} does not match {tuple(p.shape)}")
         with torch.no_grad():
-            if param not in self._originals:
+            if keep_original and param not in self._originals:
                 self._originals[param] = p.detach().clone()
-            p.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+            p.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))   # rounds to p's dtype
 
     def restore(self) -> None:
         with self.torch.no_grad():
