@@ -21,7 +21,8 @@ The result is a :class:`FilePlan` like any other: the chosen types are fed throu
 metadata. Several targets share one measurement (a ladder: ``-q q3_k_m -q q4_k_m --optimize``,
 ``--target-bpw 3,4,5``): the candidate types do not depend on which targets were asked for, so
 every file of a ladder is byte-identical to the file a run for that target alone writes.
-``--json`` reports each stage's seconds and the process's peak RSS at its end (:func:`peak_rss`).
+``--json`` reports each stage's seconds and the process's peak RSS at its end
+(:func:`shortquant.system.peak_rss`).
 """
 
 from __future__ import annotations
@@ -615,20 +616,6 @@ def standard_types(plan: ModelPlan, targets: Sequence[Target], out_dir: Path, ov
     return out
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory so far, in bytes (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def cache_budget() -> int:
     """Bytes of encodings worth keeping for the writer: a quarter of the free memory, at most 4 GiB."""
     from ..system import available_memory
@@ -652,6 +639,7 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
     from ..evaluate.perplexity import read_text
     from .imatrix import chunk_tokens
     from ..tokenizer.encode import encode_text
+    from ..system import peak_rss
     from .probe import Prober, probe_dtype
 
     for target in targets:   # before any measuring: a budget nothing can meet is an error at once
