@@ -36,12 +36,7 @@ def block_influence(runner: BlockRunner, split: Split) -> list[float]:
 
 def one_shot_ppl(runner: BlockRunner, split: Split, progress=None) -> list[float]:
     """Calibration PPL with each block removed alone."""
-    out = []
-    for b in range(runner.n_blocks):
-        out.append(runner.ppl({b}, split))
-        if progress is not None:
-            progress.update(1)
-    return out
+    return runner.ppl_many([{b} for b in range(runner.n_blocks)], split, progress)
 
 
 def taylor(runner: BlockRunner, split: Split, progress=None) -> list[float]:

@@ -115,3 +115,13 @@ class BlockRunner:
     def ppl(self, removed: Iterable[int], split: Split) -> float:
         total, count = self.nll(removed, split)
         return math.exp(total / count)
+
+    def ppl_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[float]:
+        """The PPL of each removed set in ``candidates`` on ``split``: the one call every search
+        makes, so a runner may share work between the sets (here: one set after another)."""
+        out = []
+        for removed in candidates:
+            out.append(self.ppl(removed, split))
+            if progress is not None:
+                progress.update(1)
+        return out

@@ -67,12 +67,8 @@ def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | Non
     steps = []
     pool = list(range(runner.n_blocks)) if pool is None else sorted(pool)
     for _ in range(k):
-        trials = {}
-        for b in pool:
-            if b not in removed:
-                trials[b] = runner.ppl([*removed, b], runner.search)
-                if progress is not None:
-                    progress.update(1)
+        tried = [b for b in pool if b not in removed]
+        trials = dict(zip(tried, runner.ppl_many([[*removed, b] for b in tried], runner.search, progress)))
         best = min(trials, key=lambda b: (trials[b], b))
         removed.append(best)
         steps.append(Step(best, trials[best], runner.ppl(removed, runner.held)))
