@@ -387,11 +387,12 @@ def test_bf16_probe_agrees_with_float32(tiny, texts):
     tokens, bos = encode_text_of(tiny, texts[0])
     chunks = chunk_tokens(tokens, ctx=64, chunks=2, bos_id=bos)
     full, half = Prober(tiny, chunks), Prober(tiny, chunks, dtype="bfloat16")
-    assert half.model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
-    assert half.replay   # rerunning blocks from their kept (bfloat16) inputs still matches
+    # held in bfloat16 after the reference pass: each block is widened only while it runs
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert half.replay   # rerunning blocks from their kept inputs still matches
     for a, b in zip(full.reference, half.reference):
         diff = (a - b).abs()
-        # bfloat16 keeps 8 bits of mantissa: log-probs of a few nats move by a few hundredths
+        # weights rounded to bfloat16 (8 bits of mantissa): log-probs of a few nats move by a few hundredths
         assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.2
         # and the probability mass moves by little: KL(float32 || bfloat16) per token
         assert float((a.exp() * (a - b)).sum(-1).mean()) < 1e-3
@@ -420,11 +421,12 @@ def tiny_bf16(tmp_path_factory, small_tokenizer):
 
 
 def test_bf16_probe_chooses_nearly_the_same_types(tiny_bf16, texts, tmp_path):
-    """Probing in bfloat16 picks a mix close to float32's, and one that measures as well.
+    """Probing a bfloat16 checkpoint with the model held in bfloat16 picks float32's mix.
 
-    Not the very same mix: on this model 4 of 30 tensors differ by one type step (measured:
-    float32's mix KLD 0.0085, bfloat16's 0.0091, Q4_K_M's 0.0246 on the held-apart chunks),
-    since a probe's KLD is small enough that bfloat16 activations move it by some per cent.
+    The weights are the same numbers either way and a bfloat16 model computes in float32
+    (``compute_in_float32``); only swapped-in probe weights are rounded to bfloat16. (Before
+    the arithmetic was widened, bfloat16 activations moved 4 of 30 tensors by a type step.)
+    Measured: both mixes KLD 0.0085-0.0086, Q4_K_M's 0.0246, on the held-apart chunks.
     """
     calib, _ = texts
     outcomes = {}
@@ -434,11 +436,10 @@ def test_bf16_probe_chooses_nearly_the_same_types(tiny_bf16, texts, tmp_path):
         assert outcome.probe_dtype == dtype and outcome.optimized
         outcomes[dtype] = outcome
     a, b = (outcomes[d].file.tensor_types for d in ("float32", "bfloat16"))
-    differ = [n for n in a if a[n] != b[n]]
-    assert len(differ) <= len(a) // 5, differ
+    assert [n for n in a if a[n] != b[n]] == []
     full, half = outcomes["float32"], outcomes["bfloat16"]
     assert half.kld_reference == pytest.approx(full.kld_reference, rel=0.02)   # the same Q4_K_M, measured
-    assert half.kld == pytest.approx(full.kld, rel=0.15)
+    assert half.kld == pytest.approx(full.kld, rel=0.02)
     assert half.kld < 0.5 * half.kld_reference
 
 
