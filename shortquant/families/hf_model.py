@@ -28,9 +28,14 @@ from .torch_names import NOT_MODEL_KEYS, model_class, torch_name
 PER_BLOCK_KEYS = ("layer_types",)
 
 
-def load_torch_model(model_dir: Path, dtype=None):
+def load_torch_model(model_dir: Path, dtype=None, *, stream_blocks: bool = False):
     """The checkpoint as a transformers model in eval mode (``dtype``: float32 by default), blocks
     numbered ``0..N-1`` in stored order (:func:`torch_name` maps a tensor name onto it).
+
+    ``stream_blocks``: the decoder blocks stay on the meta device (no memory) and
+    ``model.block_weights`` (a :class:`BlockWeights`) materializes one at a time from the
+    checkpoint, for jobs that run a model larger than memory block by block (``prune``). Every
+    name and shape is checked here all the same; a mixture of experts is always loaded whole.
 
     Raises a ShortquantError (exit 2) for a checkpoint export would refuse and for any weight the
     model lacks or leaves unused.
@@ -59,15 +64,20 @@ def load_torch_model(model_dir: Path, dtype=None):
                           folder) from None
     for layer, index, shape in zip(model.get_submodule(layout.family.block_prefix), layout.stored, layout.shapes):
         reshape_block(layer, shape, layout.hp, set(layout.blocks[index]))
-    assign_weights(model, layout, dtype)
+    streamed = assign_weights(model, layout, dtype, stream_blocks)
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb"):   # its frequencies are computed, not stored: make them for real
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, type(module)(config=config))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    prefix = layout.family.block_prefix + "."
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not (streamed and n.startswith(prefix))]
     if left:
         raise AssertionError(f"{folder}: torch model left {left[0]} uninitialised")
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if streamed:
+        model.block_weights = streamed
+    return model
 
 
 def torch_config(layout):
@@ -127,8 +137,10 @@ def reshape_block(layer, shape, hp, present) -> None:
             fit(layer.mlp, "mlp", (("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)))
 
 
-def assign_weights(model, layout, dtype) -> None:
-    """Every parameter from its checkpoint tensor, every used tensor to a parameter, shapes equal."""
+def assign_weights(model, layout, dtype, stream_blocks: bool = False):
+    """Every parameter from its checkpoint tensor, every used tensor to a parameter, shapes equal.
+    With ``stream_blocks`` the blocks' tensors are checked but left to the returned
+    :class:`BlockWeights` (else None)."""
     import torch
 
     family, checkpoint, stored = layout.family, layout.checkpoint, layout.stored
@@ -155,10 +167,47 @@ def assign_weights(model, layout, dtype) -> None:
         if tuple(ref.shape) != tuple(wanted[key].shape):
             raise WeightError(f"{where(key)} has shape {list(ref.shape)} but the {family.torch_model} needs "
                               f"{list(wanted[key].shape)}", folder)
-    state = {key: torch.from_numpy(checkpoint.tensors[name].load()).to(dtype) for key, name in sources.items()}
-    model.load_state_dict(state, strict=not layout.tied, assign=True)
+    blocks = None
+    if stream_blocks:
+        per_block: list[dict[str, str]] = [{} for _ in stored]
+        for key in [k for k in sources if k.startswith(prefix + ".")]:
+            n, rest = key[len(prefix) + 1:].split(".", 1)
+            per_block[int(n)][rest] = sources.pop(key)
+        blocks = BlockWeights(checkpoint, per_block, dtype)
+    model.load_state_dict(_load_state(checkpoint, sources, dtype), strict=not (layout.tied or blocks), assign=True)
     if layout.tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return blocks
+
+
+def _load_state(checkpoint, sources: dict[str, str], dtype) -> dict:
+    """torch key -> the checkpoint tensor ``sources[key]`` names, as a ``dtype`` tensor."""
+    import torch
+
+    return {key: torch.from_numpy(checkpoint.tensors[name].load()).to(dtype) for key, name in sources.items()}
+
+
+class BlockWeights:
+    """The decoder blocks' tensors of a model built with ``stream_blocks`` (names and shapes
+    already checked by :func:`assign_weights`): :meth:`load` gives block ``b``'s module its
+    weights, :meth:`release` returns them to the meta device."""
+
+    def __init__(self, checkpoint, per_block: list[dict[str, str]], dtype):
+        self.checkpoint, self.per_block, self.dtype = checkpoint, per_block, dtype
+
+    def load(self, layer, b: int) -> None:
+        layer.load_state_dict(_load_state(self.checkpoint, self.per_block[b], self.dtype), strict=True, assign=True)
+
+    @staticmethod
+    def release(layer) -> None:
+        layer.to("meta")
+
+    def block_bytes(self, b: int) -> int:
+        """Block ``b``'s size once loaded (bytes)."""
+        import torch
+
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.checkpoint.tensors[n].n_elements for n in self.per_block[b].values()) * size
 
 
 def _first_line(exc: BaseException) -> str:

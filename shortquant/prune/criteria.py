@@ -7,7 +7,8 @@
 * ``taylor``: the same paper's first-order Taylor importance, the sum over the block's weights of
   ``|w * dL/dw|`` with L the calibration loss (mean NLL). Gradients are taken block by block from
   the kept block inputs (the gradient at each block's output is carried down), so memory stays
-  near one block's weights and activations, never the whole model's gradients.
+  near one block's weights and activations, never the whole model's gradients; a streamed block
+  is read in for its own turn only.
 
 Each function takes a :class:`~shortquant.prune.runner.BlockRunner` and the split to measure on.
 """
@@ -51,19 +52,20 @@ def taylor(runner: BlockRunner, split: Split, progress=None) -> list[float]:
             grads[i] = h.grad
         scores = [0.0] * runner.n_blocks
         for b in reversed(range(runner.n_blocks)):
-            params = [p for p in runner.layers[b].parameters()]
-            for p in params:
-                p.requires_grad_(True)
-                p.grad = None
-            for i in split.indices:
-                x = runner.inputs[b][i].clone().requires_grad_(True)
-                runner.run_block(b, i, x).backward(grads[i])
-                grads[i] = x.grad
-            scores[b] = float(sum((p.detach().double() * p.grad.double()).abs().sum()
-                                   for p in params if p.grad is not None))
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+            with runner.block(b) as layer:   # streamed blocks: read in for this block's turn only
+                params = list(layer.parameters())
+                for p in params:
+                    p.requires_grad_(True)
+                    p.grad = None
+                for i in split.indices:
+                    x = runner.inputs[b][i].clone().requires_grad_(True)
+                    runner.run_block(b, i, x).backward(grads[i])
+                    grads[i] = x.grad
+                scores[b] = float(sum((p.detach().double() * p.grad.double()).abs().sum()
+                                       for p in params if p.grad is not None))
+                for p in params:
+                    p.requires_grad_(False)
+                    p.grad = None
             if progress is not None:
                 progress.update(1)
     return scores

@@ -6,6 +6,19 @@ final norm and the output head. Each block also keeps the keyword arguments it w
 (rotary embeddings, its own attention mask: layers of different attention types get different
 masks), so a rerun calls it exactly as the full forward pass did.
 
+Work goes block-major: the reference pass and every measurement sweep the blocks once in order,
+and all the candidate sets of one :meth:`BlockRunner.nll_many` call advance together, so each
+block is needed once per sweep whatever the number of sets. Sets that removed the same blocks so
+far share one hidden state (the ones that removed none share the kept reference input). That
+is what lets a model larger than memory run streamed (``load_torch_model(..., stream_blocks=True)``):
+embedding, final norm and head stay resident and each block is read from the checkpoint in
+float32 only while it runs. Streamed and resident blocks give the same numbers (the same
+computation on the same float32 weights).
+
+Kept block inputs are float32: n_blocks x tokens x hidden x 4 bytes (0.54 GB for 32 blocks of
+4096 wide on 1024 tokens). bfloat16 would halve that but round every rerun's starting point, so
+a removed set's NLL would no longer equal the model's forward pass without those blocks.
+
 Example::
 
     runner = BlockRunner(load_torch_model(folder), chunks)
@@ -15,10 +28,13 @@ Example::
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..errors import QuantError
+
+STREAM_SHARE = 0.25   # stream the blocks when the float32 model would take more of the free memory
 
 
 @dataclass(frozen=True)
@@ -29,8 +45,24 @@ class Split:
     indices: tuple[int, ...]
 
 
+class _Stop(Exception):
+    """Ends the kwargs-recording forward pass at the final norm."""
+
+
+def stream_blocks(checkpoint, available: int | None = None) -> bool:
+    """Whether ``checkpoint``'s model should run streamed: its float32 weights would take more
+    than a quarter of the available memory (a 7B model: 27 GB)."""
+    if available is None:
+        from ..system import available_memory
+
+        available = available_memory() or 32 << 30   # unknown: as if 32 GiB
+    f32 = 4 * sum(t.n_elements for t in checkpoint.tensors.values())
+    return f32 > STREAM_SHARE * available
+
+
 class BlockRunner:
-    """``model`` (a transformers causal LM, float32, eval mode) on ``chunks`` (lists of token ids)."""
+    """``model`` (a transformers causal LM, float32, eval mode; its blocks resident or streamed
+    through ``model.block_weights``) on ``chunks`` (lists of token ids)."""
 
     def __init__(self, model, chunks: Sequence[Sequence[int]], held_apart: int = 0, progress=None):
         import torch
@@ -42,6 +74,7 @@ class BlockRunner:
         self.norm = getattr(inner, "norm", None)
         if not self.layers or self.norm is None:
             raise QuantError(f"{type(model).__name__} has no decoder blocks to prune")
+        self.weights = getattr(model, "block_weights", None)   # None: every block resident
         for p in model.parameters():
             p.requires_grad_(False)
         self.chunks = [torch.as_tensor(list(c), dtype=torch.long)[None, :] for c in chunks]
@@ -51,49 +84,75 @@ class BlockRunner:
         self.search = Split("search", tuple(range(n - held_apart)))
         self.held = Split("held-apart", tuple(range(n - held_apart, n))) if held_apart else self.search
         # inputs[b][i]: the input of block b on chunk i (b = n_blocks: the final norm's input)
-        self.inputs: list[list] = [[] for _ in range(self.n_blocks + 1)]
-        self.kwargs: list[list[dict]] = [[] for _ in range(self.n_blocks)]
+        self.inputs: list[list] = [[None] * n for _ in range(self.n_blocks + 1)]
+        self.kwargs: list[list[dict]] = [[{}] * n for _ in range(self.n_blocks)]
         self._reference(progress)
 
     @property
     def n_blocks(self) -> int:
         return len(self.layers)
 
+    @contextmanager
+    def block(self, b: int):
+        """Block ``b``'s module with its weights (read in for the while when streamed)."""
+        layer = self.layers[b]
+        if self.weights is None:
+            yield layer
+            return
+        self.weights.load(layer, b)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        try:
+            yield layer
+        finally:
+            self.weights.release(layer)
+
     def _reference(self, progress) -> None:
+        """Every block's call kwargs and block 0's input from a forward pass whose blocks pass
+        their input through (no block runs), then the real blocks block-major."""
         torch = self.torch
 
         def keep(index: int):
             def hook(module, args, kwargs):
-                x = args[0] if args else kwargs["hidden_states"]
-                self.inputs[index].append(x.detach().clone())
-                if index < self.n_blocks:
-                    self.kwargs[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                if index == 0:
+                    self.inputs[0][self._chunk] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+                self.kwargs[index][self._chunk] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             return hook
 
-        hooks = [m.register_forward_pre_hook(keep(i), with_kwargs=True)
-                 for i, m in enumerate(self.layers + [self.norm])]
+        def stop(module, args):
+            raise _Stop
+
+        def passthrough(*args, **kwargs):
+            return args[0] if args else kwargs["hidden_states"]
+
+        hooks = [m.register_forward_pre_hook(keep(i), with_kwargs=True) for i, m in enumerate(self.layers)]
+        hooks.append(self.norm.register_forward_pre_hook(stop))
+        for layer in self.layers:
+            layer.forward = passthrough   # an instance attribute: nn.Module.__call__ finds it first
         try:
             with torch.no_grad():   # not inference_mode: Taylor differentiates through the kept inputs
-                for chunk in self.chunks:
-                    self.model(input_ids=chunk, use_cache=False)
-                    if progress is not None:
-                        progress.update(1)
+                for self._chunk, chunk in enumerate(self.chunks):
+                    try:
+                        self.model(input_ids=chunk, use_cache=False)
+                    except _Stop:
+                        pass
         finally:
             for h in hooks:
                 h.remove()
+            for layer in self.layers:
+                del layer.forward
+        with torch.no_grad():
+            for b in range(self.n_blocks):
+                with self.block(b):
+                    for i in range(len(self.chunks)):
+                        self.inputs[b + 1][i] = self.run_block(b, i, self.inputs[b][i])
+                if progress is not None:
+                    progress.update(1)
 
     def run_block(self, b: int, i: int, h):
+        """Block ``b`` (loaded: inside :meth:`block` when streamed) on chunk ``i``'s hidden ``h``."""
         out = self.layers[b](h, **self.kwargs[b][i])
         return out[0] if isinstance(out, tuple) else out
-
-    def final_hidden(self, i: int, removed: frozenset[int] = frozenset()):
-        """The final norm's input on chunk ``i`` with ``removed`` left out (from the kept inputs)."""
-        first = min(removed, default=self.n_blocks)
-        h = self.inputs[first][i]
-        for b in range(first, self.n_blocks):
-            if b not in removed:
-                h = self.run_block(b, i, h)
-        return h
 
     def chunk_nll(self, i: int, h):
         """Summed NLL of chunk ``i``'s next tokens (positions 1..) given the final hidden ``h``."""
@@ -102,15 +161,66 @@ class BlockRunner:
         targets = self.chunks[i][0, 1:]
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
+    def final_hidden_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[list]:
+        """The final norm's input of each removed set on each chunk of ``split`` (one sweep)."""
+        sets = [frozenset(c) for c in candidates]
+        n, chunks = self.n_blocks, split.indices
+        for s in sets:
+            if any(not 0 <= b < n for b in s):
+                raise QuantError(f"removed blocks {sorted(s)}: the model has blocks 0..{n - 1}")
+        # prefix (the set's removed blocks below the current one) -> the sets sharing it, and
+        # their hidden state per chunk; None = the kept reference input of the current block
+        members: dict[frozenset, list[int]] = {frozenset(): list(range(len(sets)))}
+        states: dict[frozenset, list | None] = {frozenset(): None}
+        start = min((min(s) for s in sets if s), default=n)
+        done = 0
+        for b in range(start, n):
+            after: dict[frozenset, list[int]] = {}
+            run = []
+            for prefix, idx in members.items():
+                for s in idx:
+                    key = prefix | {b} if b in sets[s] else prefix
+                    after.setdefault(key, []).append(s)
+            following: dict[frozenset, list | None] = {}
+            for key in after:
+                if b in key:        # removed here: the state passes block b unchanged
+                    prefix = key - {b}
+                    following[key] = states[prefix] if prefix else [self.inputs[b][i] for i in chunks]
+                elif key:
+                    run.append(key)
+                else:
+                    following[key] = None   # nothing removed yet: the reference pass's next input
+            if run:
+                with self.torch.no_grad(), self.block(b):
+                    for key in run:
+                        following[key] = [self.run_block(b, i, h) for i, h in zip(chunks, states[key])]
+            members, states = after, following
+            if progress is not None:
+                step = len(sets) * (b - start + 1) // (n - start) - done
+                progress.update(step)
+                done += step
+        if progress is not None and done < len(sets):
+            progress.update(len(sets) - done)
+        final = {key: states[key] or [self.inputs[n][i] for i in chunks] for key in members}
+        return [final[s] for s in sets]
+
+    def nll_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[tuple[float, int]]:
+        """(summed NLL, token count) on ``split`` of each removed set in ``candidates``."""
+        count = sum(self.chunks[i].shape[1] - 1 for i in split.indices)
+        hidden = self.final_hidden_many(candidates, split, progress)
+        totals: dict[int, float] = {}   # id of a shared final state -> its NLL
+        out = []
+        with self.torch.no_grad():
+            for states in hidden:
+                if id(states) not in totals:
+                    totals[id(states)] = sum(float(self.chunk_nll(i, h).double())
+                                             for i, h in zip(split.indices, states))
+                out.append((totals[id(states)], count))
+        return out
+
     def nll(self, removed: Iterable[int], split: Split) -> tuple[float, int]:
         """(summed NLL, token count) on ``split`` with the blocks ``removed`` left out."""
-        removed = frozenset(removed)
-        total, count = 0.0, 0
-        with self.torch.no_grad():
-            for i in split.indices:
-                total += float(self.chunk_nll(i, self.final_hidden(i, removed)).double())
-                count += self.chunks[i].shape[1] - 1
-        return total, count
+        return self.nll_many([removed], split)[0]
 
     def ppl(self, removed: Iterable[int], split: Split) -> float:
         total, count = self.nll(removed, split)
@@ -118,10 +228,5 @@ class BlockRunner:
 
     def ppl_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[float]:
         """The PPL of each removed set in ``candidates`` on ``split``: the one call every search
-        makes, so a runner may share work between the sets (here: one set after another)."""
-        out = []
-        for removed in candidates:
-            out.append(self.ppl(removed, split))
-            if progress is not None:
-                progress.update(1)
-        return out
+        makes, measured in one sweep of the blocks for all the sets together."""
+        return [math.exp(total / count) for total, count in self.nll_many(candidates, split, progress)]

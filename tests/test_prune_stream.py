@@ -1,0 +1,125 @@
+"""``prune``'s runner with streamed blocks (read from the checkpoint one at a time) against the
+resident model: the same kept inputs, NLLs and criteria; and its block-major ``nll_many`` (all
+candidate sets in one sweep, shared prefixes computed once) against each set rerun on its own
+(the kept input of its first removed block, then every later kept block)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import pruned
+from conftest import DEMO
+from reader_cases import CASES
+
+CALIB = "The old lighthouse keeper climbed the stairs every evening and lit the lamp. " * 12
+
+
+def runners(folder: Path, chunks=3, ctx=24, held_apart=1):
+    from shortquant.families.hf_model import load_torch_model
+    from shortquant.prune.runner import BlockRunner
+    from shortquant.quant.imatrix import chunk_tokens
+    from shortquant.tokenizer.encode import encode_text
+
+    ids, bos = encode_text(folder, CALIB)
+    pieces = chunk_tokens(ids, ctx=ctx, chunks=chunks, bos_id=bos)
+    return (BlockRunner(load_torch_model(folder), pieces, held_apart),
+            BlockRunner(load_torch_model(folder, stream_blocks=True), pieces, held_apart))
+
+
+def close(a, b, rel=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=rel), (a, b)
+
+
+def candidate_sets(n: int) -> list[frozenset]:
+    """Singles, pairs sharing a first block, a duplicate, the empty set, the last block alone."""
+    sets = [frozenset({b}) for b in range(n)] + [frozenset(), frozenset({0, n - 1}), frozenset({0, 1})]
+    return sets + [frozenset({1, n - 1}), frozenset({0, n - 1})]
+
+
+def rerun_alone(runner, removed, split) -> float:
+    """The set's NLL the plain way, one chunk after another: no sweep, nothing shared."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in split.indices:
+            first = min(removed, default=runner.n_blocks)
+            h = runner.inputs[first][i]
+            for b in range(first, runner.n_blocks):
+                if b not in removed:
+                    with runner.block(b):
+                        h = runner.run_block(b, i, h)
+            total += float(runner.chunk_nll(i, h).double())
+            count += runner.chunks[i].shape[1] - 1
+    return math.exp(total / count)
+
+
+@pytest.fixture(scope="module")
+def demo_pair():
+    return runners(DEMO, chunks=3, ctx=64)
+
+
+def test_streamed_blocks_are_released_and_the_head_stays(demo_pair):
+    _, streamed = demo_pair
+    assert streamed.weights is not None
+    assert all(p.is_meta for layer in streamed.layers for p in layer.parameters())
+    assert not any(p.is_meta for p in streamed.model.lm_head.parameters())
+
+
+def test_streamed_equals_resident_on_the_demo(demo_pair):
+    from shortquant.prune.criteria import block_influence, taylor
+
+    resident, streamed = demo_pair
+    for b in range(resident.n_blocks + 1):
+        for x, y in zip(resident.inputs[b], streamed.inputs[b]):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    sets = candidate_sets(resident.n_blocks)
+    close(streamed.ppl_many(sets, streamed.search), resident.ppl_many(sets, resident.search))
+    close(streamed.ppl_many(sets[:3], streamed.held), resident.ppl_many(sets[:3], resident.held))
+    close(block_influence(streamed, streamed.search), block_influence(resident, resident.search))
+    close(taylor(streamed, streamed.search), taylor(resident, resident.search))
+
+
+def test_block_major_sweep_equals_each_set_rerun_alone(demo_pair):
+    resident, streamed = demo_pair
+    sets = candidate_sets(resident.n_blocks)
+    for runner in (resident, streamed):
+        close(runner.ppl_many(sets, runner.search), [rerun_alone(runner, s, runner.search) for s in sets], rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["sharded-bf16-safetensors", "qwen2-gaps-tied", "decilm"])
+def test_streamed_equals_resident_with_block_gaps_and_per_block_shapes(tmp_path, case):
+    CASES[case](tmp_path / case)
+    resident, streamed = runners(tmp_path / case)
+    sets = candidate_sets(resident.n_blocks)
+    close(streamed.ppl_many(sets, streamed.search), resident.ppl_many(sets, resident.search))
+    close(streamed.ppl_many(sets, streamed.search), [rerun_alone(streamed, s, streamed.search) for s in sets],
+          rel=1e-9)
+
+
+def test_a_missing_block_tensor_is_refused_when_the_streamed_model_is_built(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from shortquant.errors import WeightError
+    from shortquant.families.hf_model import load_torch_model
+
+    CASES["gaps"](tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.3.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightError, match="block 3.*'mlp.up_proj.weight'"):
+        load_torch_model(tmp_path, stream_blocks=True)
+
+
+def test_stream_policy_follows_the_float32_size(tmp_path):
+    from shortquant.prune.runner import stream_blocks
+    from shortquant.source.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(DEMO)
+    f32 = 4 * sum(t.n_elements for t in checkpoint.tensors.values())
+    assert stream_blocks(checkpoint, available=3 * f32)
+    assert not stream_blocks(checkpoint, available=5 * f32)
