@@ -60,7 +60,7 @@ def rerun_alone(runner, removed, split) -> float:
 
 @pytest.fixture(scope="module")
 def demo_pair():
-    return runners(DEMO, chunks=3, ctx=64)
+    return runners(DEMO, chunks=3, ctx=40)
 
 
 def test_streamed_blocks_are_released_and_the_head_stays(demo_pair):
@@ -123,3 +123,16 @@ def test_stream_policy_follows_the_float32_size(tmp_path):
     f32 = 4 * sum(t.n_elements for t in checkpoint.tensors.values())
     assert stream_blocks(checkpoint, available=3 * f32)
     assert not stream_blocks(checkpoint, available=5 * f32)
+
+
+def test_cost_policy_keeps_small_models_and_cuts_big_deep_ones():
+    from shortquant.prune.cost import TARGET_RATIO, choose, greedy_pool_size
+
+    small = choose(30, 6, 256, 16, None, None, params=1.35e8, streamed=False)
+    assert (small.chunks, small.held, small.pool, small.reduced) == (16, 4, None, False)
+    eight = choose(8, 2, 256, 16, None, None, params=2.2e9, streamed=True)   # 8 LLaMA-7B blocks
+    assert eight.reduced and eight.ratio <= TARGET_RATIO and eight.pool == greedy_pool_size(8, 2) == 4
+    deep = choose(32, 8, 256, 16, None, None, params=6.7e9, streamed=True)   # LLaMA-7B: the floor
+    assert (deep.chunks, deep.held, deep.pool) == (2, 1, 12) and deep.ratio > TARGET_RATIO
+    given = choose(32, 8, 256, 16, None, 32, params=6.7e9, streamed=True, chunks_given=True, pool_given=True)
+    assert (given.chunks, given.pool) == (16, 32)

@@ -27,14 +27,15 @@ HOW = {"greedy": "greedy search on calibration PPL, checked against the one-shot
               help="How to choose: greedy (remove the cheapest, re-measure the rest), bi (ShortGPT Block "
                    "Influence), ppl (each block removed alone), taylor (Taylor+ weight x gradient).")
 @click.option("--ctx", type=click.IntRange(min=8), default=256, show_default=True, help="Calibration chunk length.")
-@click.option("--chunks", type=click.IntRange(min=2), default=16, show_default=True,
-              help="At most this many calibration chunks.")
+@click.option("--chunks", type=click.IntRange(min=2), default=None, metavar="N",
+              help="At most this many calibration chunks [default: 16; fewer on a big deep model, so the "
+                   "run stays near 3 plain exports: see the README's prune cost].")
 @click.option("--held-apart", type=click.IntRange(min=1), default=None, metavar="N",
               help="Chunks kept apart from the search to check its steps and pick the final set "
                    "[default: a quarter of the chunks].")
 @click.option("--pool", type=click.IntRange(min=1), default=None, metavar="N",
               help="Greedy tries only the N blocks cheapest by one-shot PPL (faster on deep models) "
-                   "[default: every block].")
+                   "[default: every block; K + K/2 on a big deep model].")
 @click.option("--quant", "-q", "quants", multiple=True, metavar="TYPE",
               help="Export the pruned model to this GGUF type (repeatable), as `export --remove-blocks` would.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("gguf"), show_default=True,
@@ -74,7 +75,8 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     from ..quant.imatrix import chunk_tokens
     from ..source.checkpoint import open_checkpoint
     from ..tokenizer.encode import encode_text
-    from .runner import BlockRunner
+    from .cost import choose
+    from .runner import BlockRunner, stream_blocks
     from .save_hf import check_target
     from .search import check_count, measure
 
@@ -84,7 +86,8 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
         raise LayoutError("prune chooses the blocks itself; to remove given blocks use `export --remove-blocks`")
     if save_hf is not None:
         check_target(save_hf)
-    block_map = make_model_plan(open_checkpoint(path), options).block_map
+    checkpoint = open_checkpoint(path)
+    block_map = make_model_plan(checkpoint, options).block_map
     check_count(count, block_map.block_count)
     if threads:
         import torch
@@ -92,14 +95,23 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
         torch.set_num_threads(threads)
     text = read_text(calib)
     ids, bos = encode_text(path, text)
-    pieces = chunk_tokens(ids, ctx=ctx, chunks=chunks, bos_id=bos) if len(ids) >= ctx else []
+    n, streamed = block_map.block_count, stream_blocks(checkpoint)
+    settings = choose(n, count, ctx, min(chunks or 16, max(2, len(ids) // ctx)), held_apart, pool,
+                      sum(t.n_elements for t in checkpoint.tensors.values()), streamed, criterion == "greedy",
+                      chunks_given=chunks is not None, pool_given=pool is not None)
+    pieces = chunk_tokens(ids, ctx=ctx, chunks=settings.chunks, bos_id=bos) if len(ids) >= ctx else []
     if len(pieces) < 2:
         raise EvalError(f"the calibration text makes {len(pieces)} chunk(s) of --ctx {ctx}; at least 2 are needed "
                         f"(one to search on, one held apart): give a longer text or a smaller --ctx", calib)
     held = held_apart or max(1, len(pieces) // 4)
-    with tqdm(total=len(pieces), desc="reference pass", unit="chunk", disable=silent, leave=False) as bar:
-        runner = BlockRunner(load_torch_model(path), pieces, held, bar)
-    scores, choices = measure(runner, count, criterion, silent, pool)
+    with tqdm(total=n, desc="reference pass", unit="block", disable=silent, leave=False) as bar:
+        runner = BlockRunner(load_torch_model(path, stream_blocks=streamed), pieces, held, bar)
+    scores, choices = measure(runner, count, criterion, silent, settings.pool)
+    if settings.reduced and not silent:
+        click.echo(f"{n} blocks: calibration cut to {len(pieces)} chunks, greedy pool {settings.pool or n} "
+                   f"(predicted cost ~{settings.ratio:.1f} plain exports; --chunks / --pool override)", err=True)
+    cost = {"streamed": streamed, "pool": settings.pool, "reduced_for_cost": settings.reduced,
+            "predicted_ratio_to_export": round(settings.ratio, 2), "sweeps": runner.costs}
     chosen = choices[criterion] if criterion != "greedy" else choices["chosen"]
     removed = tuple(block_map.stored[b] for b in chosen.removed)
     calib_id = f"{calib.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -114,6 +126,7 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
         saved = save_pruned_checkpoint(path, removed, save_hf, method, options)
     report = _print_choice(block_map, scores, choices, chosen, removed, runner_info=(len(pieces), held, ctx),
                            as_json=as_json, quiet=quiet, saved=saved)
+    report["cost"] = cost
     if quants:
         from ..export_cli import _export_printer
         from ..job import run_job

@@ -43,6 +43,7 @@ def one_shot_ppl(runner: BlockRunner, split: Split, progress=None) -> list[float
 def taylor(runner: BlockRunner, split: Split, progress=None) -> list[float]:
     """Sum of |w * dL/dw| over each block's weights, L = mean NLL over the split's tokens."""
     torch = runner.torch
+    start = runner.clock()
     count = sum(runner.chunks[i].shape[1] - 1 for i in split.indices)
     grads = {}   # chunk -> dL/d(input of the block below)
     with torch.enable_grad():
@@ -68,4 +69,5 @@ def taylor(runner: BlockRunner, split: Split, progress=None) -> list[float]:
                     p.grad = None
             if progress is not None:
                 progress.update(1)
+    runner.log("taylor", 0, 3 * runner.n_blocks * sum(runner.chunks[i].shape[1] for i in split.indices), start)
     return scores

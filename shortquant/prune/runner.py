@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -86,7 +87,22 @@ class BlockRunner:
         # inputs[b][i]: the input of block b on chunk i (b = n_blocks: the final norm's input)
         self.inputs: list[list] = [[None] * n for _ in range(self.n_blocks + 1)]
         self.kwargs: list[list[dict]] = [[{}] * n for _ in range(self.n_blocks)]
+        self.known: dict[tuple[frozenset, tuple[int, ...]], float] = {}   # (set, chunks) -> summed NLL
+        self.costs: list[dict] = []   # one entry per sweep: what, sets, block-token runs, seconds
+        start = self.clock()
         self._reference(progress)
+        self.log("reference", 0, self.n_blocks * sum(c.shape[1] for c in self.chunks), start)
+
+    @staticmethod
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def log(self, what: str, sets: int, block_token_runs: int, start: tuple[float, float]) -> None:
+        """Record one sweep's work, wall and CPU seconds (``prune --json`` prints them: the cost
+        model's check; on a shared machine CPU seconds are the steadier figure)."""
+        wall, cpu = self.clock()
+        self.costs.append({"what": what, "sets": sets, "block_token_runs": int(block_token_runs),
+                           "seconds": round(wall - start[0], 2), "cpu_s": round(cpu - start[1], 2)})
 
     @property
     def n_blocks(self) -> int:
@@ -172,16 +188,17 @@ class BlockRunner:
         # their hidden state per chunk; None = the kept reference input of the current block
         members: dict[frozenset, list[int]] = {frozenset(): list(range(len(sets)))}
         states: dict[frozenset, list | None] = {frozenset(): None}
-        start = min((min(s) for s in sets if s), default=n)
+        start, clock, runs = min((min(s) for s in sets if s), default=n), self.clock(), 0
+        tokens = sum(self.chunks[i].shape[1] for i in chunks)
         done = 0
         for b in range(start, n):
             after: dict[frozenset, list[int]] = {}
-            run = []
             for prefix, idx in members.items():
                 for s in idx:
                     key = prefix | {b} if b in sets[s] else prefix
                     after.setdefault(key, []).append(s)
             following: dict[frozenset, list | None] = {}
+            run = []
             for key in after:
                 if b in key:        # removed here: the state passes block b unchanged
                     prefix = key - {b}
@@ -194,6 +211,7 @@ class BlockRunner:
                 with self.torch.no_grad(), self.block(b):
                     for key in run:
                         following[key] = [self.run_block(b, i, h) for i, h in zip(chunks, states[key])]
+                runs += len(run) * tokens
             members, states = after, following
             if progress is not None:
                 step = len(sets) * (b - start + 1) // (n - start) - done
@@ -201,22 +219,28 @@ class BlockRunner:
                 done += step
         if progress is not None and done < len(sets):
             progress.update(len(sets) - done)
+        if sets:
+            self.log(f"sweep on {split.name}", len(sets), runs, clock)
         final = {key: states[key] or [self.inputs[n][i] for i in chunks] for key in members}
         return [final[s] for s in sets]
 
     def nll_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[tuple[float, int]]:
-        """(summed NLL, token count) on ``split`` of each removed set in ``candidates``."""
+        """(summed NLL, token count) on ``split`` of each removed set in ``candidates``; a set
+        measured before on the same chunks is not rerun (greedy's first step is one-shot PPL)."""
         count = sum(self.chunks[i].shape[1] - 1 for i in split.indices)
-        hidden = self.final_hidden_many(candidates, split, progress)
+        sets = [frozenset(c) for c in candidates]
+        new = [s for s in dict.fromkeys(sets) if (s, split.indices) not in self.known]
+        if progress is not None and len(new) < len(sets):
+            progress.update(len(sets) - len(new))
+        hidden = self.final_hidden_many(new, split, progress)
         totals: dict[int, float] = {}   # id of a shared final state -> its NLL
-        out = []
         with self.torch.no_grad():
-            for states in hidden:
+            for s, states in zip(new, hidden):
                 if id(states) not in totals:
                     totals[id(states)] = sum(float(self.chunk_nll(i, h).double())
                                              for i, h in zip(split.indices, states))
-                out.append((totals[id(states)], count))
-        return out
+                self.known[s, split.indices] = totals[id(states)]
+        return [(self.known[s, split.indices], count) for s in sets]
 
     def nll(self, removed: Iterable[int], split: Split) -> tuple[float, int]:
         """(summed NLL, token count) on ``split`` with the blocks ``removed`` left out."""
