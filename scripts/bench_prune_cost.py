@@ -11,6 +11,10 @@ benchmark; the cost does not depend on the values).
     nice python scripts/bench_prune_cost.py --blocks 8 --remove 2 --calib calib20k.txt
     nice python scripts/bench_prune_cost.py --blocks 32 --remove 8 --calib calib20k.txt --skip-export
     nice python scripts/bench_prune_cost.py --blocks 8 --remove 2 --calib calib20k.txt -- --criterion ppl
+    nice python scripts/bench_prune_cost.py --blocks 32 --calib calib20k.txt --sweep-only   # memory at depth
+
+``--sweep-only``: no search, only the streamed model, its reference pass and one sweep of four
+one-block-removed sets on 2 chunks of --ctx tokens: peak RSS and the seconds a block read takes.
 """
 
 from __future__ import annotations
@@ -76,6 +80,29 @@ def deepen(src: Path, dst: Path, blocks: int) -> Path:
     return dst
 
 
+SWEEP_CODE = r"""
+import json, sys, time
+import torch
+from shortquant.families.hf_model import load_torch_model
+from shortquant.prune.runner import BlockRunner
+from shortquant.quant.imatrix import chunk_tokens
+from shortquant.system import peak_rss
+from shortquant.tokenizer.encode import encode_text
+
+src, calib, ctx, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+ids, bos = encode_text(src, open(calib, encoding="utf-8").read())
+start = time.perf_counter()
+model = load_torch_model(src, stream_blocks=True)
+built, rss_built = time.perf_counter() - start, peak_rss()
+runner = BlockRunner(model, chunk_tokens(ids, ctx=ctx, chunks=2, bos_id=bos), held_apart=1)
+n = runner.n_blocks
+runner.ppl_many([{0}, {n // 3}, {2 * n // 3}, {n - 1}], runner.search)
+print(json.dumps({"build_s": round(built, 1), "peak_rss_after_build_mb": rss_built >> 20,
+                  "peak_rss_mb": peak_rss() >> 20, "sweeps": runner.costs}))
+"""
+
+
 def stages(sweeps: list[dict]) -> dict[str, list[float]]:
     """[wall s, CPU s, block-token runs] per stage from prune's sweep log (measure()'s order)."""
     out: dict[str, list[float]] = {}
@@ -102,6 +129,8 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-export", action="store_true", help="time prune only")
+    parser.add_argument("--sweep-only", action="store_true", help="no search: streamed reference pass + one sweep")
+    parser.add_argument("--ctx", type=int, default=256, help="chunk length for --sweep-only")
     parser.add_argument("prune_args", nargs="*", help="extra prune options (after --)")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +140,12 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cli = [sys.executable, "-c", "import sys; from shortquant.cli import main; sys.argv[0] = 'shortquant'; main()"]
     results = {}
+    if args.sweep_only:
+        results["sweep"] = measure("streamed reference pass + one sweep", [
+            sys.executable, "-c", SWEEP_CODE, src, args.calib, args.ctx, args.threads], log, env)
+        text = log.read_text(errors="replace")
+        print(text[text.rindex("\n{") + 1:].strip())
+        return
     if not args.skip_export:
         out = args.out_dir / "o_plain"
         results["export"] = measure("export -q q4_k_m", [*cli, "export", src, "-q", "q4_k_m", "--out", out,

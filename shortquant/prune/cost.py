@@ -6,12 +6,12 @@ sweep per measurement (:meth:`~shortquant.prune.runner.BlockRunner.nll_many`):
 
 =============  ===========================================================================
 reference      n (T_s + T_h)
-taylor         3 n T_s                  (forward with the graph kept, then backward)
+taylor         4.5 n T_s                (forward with the graph kept, then backward: measured)
 one-shot PPL   n (n - 1) / 2 T_s        (set {b} reruns blocks b+1 .. n-1)
 greedy         per step after the first (the first's sets are one-shot PPL's, not rerun),
                each candidate reruns from its first removed block: ~n/2 blocks for a block
                anywhere, plus the shared prefix (n); and per step the chosen set on T_h
-final pick     4 sets on T_h (~n/2 each)
+final pick     the 3 one-shot sets on T_h (~n/2 each)
 =============  ===========================================================================
 
 A plain export's time is linear in the parameters too, so prune / export depends on depth and
@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# One block's q4_k_m export costs as much as this many block-token runs (float32 torch, same
-# threads); a streamed block's read costs LOAD_RUNS per sweep. Measured at LLaMA-7B width, 2 threads.
-EXPORT_RUNS = 3000
-LOAD_RUNS = 200
+# One block's q4_k_m export costs as much CPU time as this many block-token runs (float32 torch);
+# a streamed block's read costs about LOAD_RUNS per sweep. Measured at LLaMA-7B width, 2 threads:
+# export 21.8 s CPU a block, a block-token run 12.5 ms CPU (scripts/bench_prune_cost.py).
+EXPORT_RUNS = 1750
+LOAD_RUNS = 100
+TAYLOR_RUNS = 4.5    # Taylor's forward + backward of a block, in forward runs
 TARGET_RATIO = 3.0
 SMALL_PARAMS = 1e9   # a model below this many parameters keeps the full defaults (minutes on a CPU)
 HELD_SHARE = 4       # a quarter of the chunks held apart by default
@@ -51,8 +53,8 @@ def greedy_pool_size(n: int, k: int) -> int:
 
 def block_runs(n: int, k: int, t_search: int, t_held: int, pool: int | None, greedy: bool = True) -> dict[str, float]:
     """Block-token runs of each stage (see the module's table)."""
-    runs = {"reference": n * (t_search + t_held), "taylor": 3 * n * t_search,
-            "ppl": n * (n - 1) / 2 * t_search, "greedy": 0.0, "final": 4 * n / 2 * t_held}
+    runs = {"reference": n * (t_search + t_held), "taylor": TAYLOR_RUNS * n * t_search,
+            "ppl": n * (n - 1) / 2 * t_search, "greedy": 0.0, "final": 3 * n / 2 * t_held}
     if greedy:
         p = n if pool is None else min(pool, n)
         runs["greedy"] = sum(((p - i) * n / 2 + n) * t_search for i in range(1, k)) + k * n / 2 * t_held
