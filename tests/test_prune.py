@@ -257,6 +257,58 @@ def test_greedy_is_never_worse_on_held_out_text_than_the_best_one_shot():
     assert heldout.ppl(choices["chosen"].removed, heldout.search) <= one_shot
     steps = choices["greedy"].steps
     assert len(steps) == 2 and steps[0].search_ppl <= steps[1].search_ppl
+    assert choices["chosen"].how in ("swaps", "greedy", "bi", "ppl", "taylor")
+
+
+class TableRunner:
+    """A stand-in runner whose PPL of a removed set is a given function: the search logic alone."""
+
+    def __init__(self, n, cost):
+        from shortquant.prune.runner import Split
+
+        self.n_blocks, self.cost, self.asked = n, cost, 0
+        self.search, self.held = Split("search", (0,)), Split("held-apart", (1,))
+
+    def ppl(self, removed, split):
+        return self.cost(frozenset(removed)) + (0.5 if split is self.held else 0.0)
+
+    def ppl_many(self, candidates, split, progress=None):
+        self.asked += len(candidates)
+        return [self.ppl(c, split) for c in candidates]
+
+
+def test_exchanges_take_back_a_greedy_choice_that_later_ones_made_a_poor_fit():
+    from shortquant.prune.search import SWAP_ROUNDS, greedy, swaps
+
+    # block 0 is the cheapest alone, but blocks 1 and 2 together cost less than 0 with anything
+    pair = {frozenset({1, 2}): 3.0}
+    runner = TableRunner(6, lambda r: pair.get(r, (1.0 if 0 in r else 2.0) + 2.5 * (len(r) - 1) + 0.01 * sum(r)))
+    first = greedy(runner, 2)
+    assert first.removed == (0, 1)
+    asked = runner.asked
+    better = swaps(runner, first)
+    assert better.removed == (1, 2)
+    assert [(s.put_back, s.block) for s in better.steps] == [(0, 2)]
+    assert better.steps[0].search_ppl == 3.0 and better.held_ppl == 3.5
+    assert runner.asked - asked <= SWAP_ROUNDS * 2 * (6 - 2)   # the cost bound the docstring states
+
+
+def test_exchanges_never_end_above_greedy_and_find_the_best_pair_on_the_demo(demo_runner):
+    import itertools
+
+    from shortquant.prune.search import default_pool, greedy, swaps
+
+    runner, _ = demo_runner
+    n = runner.n_blocks
+    assert default_pool(n, 2) == n   # the default search on the demo chooses among every block
+    first = greedy(runner, 2)
+    better = swaps(runner, first)
+    ppl = runner.ppl(better.removed, runner.search)
+    assert ppl <= first.steps[-1].search_ppl
+    assert all(a.search_ppl > b.search_ppl for a, b in zip([first.steps[-1], *better.steps], better.steps))
+    pairs = {p: runner.ppl(p, runner.search) for p in itertools.combinations(range(n), 2)}
+    assert better.removed == min(pairs, key=pairs.get), (better, sorted(pairs.items(), key=lambda kv: kv[1])[:3])
+    assert math.isclose(ppl, pairs[better.removed], rel_tol=1e-12)
 
 
 # --- the command -----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import click
 from .criteria import CRITERIA
 from .search import Choice
 
-HOW = {"greedy": "greedy search on calibration PPL, checked against the one-shot choices on held-apart chunks",
+HOW = {"swaps": "greedy search on calibration PPL refined by exchanges, checked against the one-shot choices on "
+                "held-apart chunks",
+       "greedy": "greedy search on calibration PPL, checked against the one-shot choices on held-apart chunks",
        "bi": "Block Influence (ShortGPT), one-shot",
        "ppl": "PPL criterion (Shortened LLaMA), one-shot",
        "taylor": "Taylor+ (Shortened LLaMA), one-shot"}
@@ -24,7 +26,8 @@ HOW = {"greedy": "greedy search on calibration PPL, checked against the one-shot
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
               help="Calibration text (prose of the kind the model serves); never the text you evaluate on.")
 @click.option("--criterion", type=click.Choice(["greedy", *CRITERIA]), default="greedy", show_default=True,
-              help="How to choose: greedy (remove the cheapest, re-measure the rest), bi (ShortGPT Block "
+              help="How to choose: greedy (remove the cheapest, re-measure the rest, then exchange removed "
+                   "and kept blocks while that lowers the PPL), bi (ShortGPT Block "
                    "Influence), ppl (each block removed alone), taylor (Taylor+ weight x gradient).")
 @click.option("--ctx", type=click.IntRange(min=8), default=256, show_default=True, help="Calibration chunk length.")
 @click.option("--chunks", type=click.IntRange(min=2), default=None, metavar="N",
@@ -34,8 +37,8 @@ HOW = {"greedy": "greedy search on calibration PPL, checked against the one-shot
               help="Chunks kept apart from the search to check its steps and pick the final set "
                    "[default: a quarter of the chunks].")
 @click.option("--pool", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Greedy tries only the N blocks cheapest by one-shot PPL (faster on deep models) "
-                   "[default: every block; K + K/2 on a big deep model].")
+              help="The greedy search and its exchanges choose among the N blocks cheapest by one-shot "
+                   "PPL [default: 2K, at least K+4, at most every block; K + K/2 on a big deep model].")
 @click.option("--quant", "-q", "quants", multiple=True, metavar="TYPE",
               help="Export the pruned model to this GGUF type (repeatable), as `export --remove-blocks` would.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("gguf"), show_default=True,
@@ -52,9 +55,10 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     SOURCE is read as `export` reads it (the same --recipe, --source-blocks, --pre, ... options);
     without it, the embedded demo model. Every block is scored by three criteria (ShortGPT's Block
     Influence, the PPL of the model without it, Taylor+ importance); the default greedy search
-    removes one block at a time, re-measuring the rest, and its final set is checked against the
+    removes one block at a time, re-measuring the rest, then exchanges a removed block for a kept
+    one while that lowers the calibration PPL (at most 3 times); its sets are checked against the
     one-shot sets on calibration chunks the search never saw. Prints a ranked table per criterion,
-    each greedy step's PPL and the chosen set; with -q, exports the pruned model (the same file as
+    each search step's PPL and the chosen set; with -q, exports the pruned model (the same file as
     `export --remove-blocks`).
 
     \b
@@ -146,7 +150,9 @@ def _print_choice(block_map, scores, choices, chosen: Choice, removed, runner_in
         "scores": {c: [round(v, 6) for v in s] for c, s in scores.items()},
         "choices": {k: {"removed": [block_map.stored[b] for b in c.removed], "held_apart_ppl": round(c.held_ppl, 4),
                         "steps": [{"block": block_map.stored[s.block], "search_ppl": round(s.search_ppl, 4),
-                                   "held_apart_ppl": round(s.held_ppl, 4)} for s in c.steps]}
+                                   "held_apart_ppl": round(s.held_ppl, 4),
+                                   **({} if s.put_back is None else {"put_back": block_map.stored[s.put_back]})}
+                                  for s in c.steps]}
                     for k, c in choices.items() if k != "chosen"},
         "chosen": {"how": chosen.how, "removed": list(removed), "held_apart_ppl": round(chosen.held_ppl, 4)},
         "saved_hf": str(saved) if saved else None}
@@ -169,6 +175,10 @@ def _print_choice(block_map, scores, choices, chosen: Choice, removed, runner_in
             removed_so_far.append(block_map.stored[s.block])
             click.echo(f"  remove {block_map.stored[s.block]:>3}  ->  {s.search_ppl:10.3f} / {s.held_ppl:10.3f}   "
                        f"(removed {sorted(removed_so_far)})")
+    for s in getattr(choices.get("swaps"), "steps", []):
+        removed_so_far = [b for b in removed_so_far if b != block_map.stored[s.put_back]] + [block_map.stored[s.block]]
+        click.echo(f"  keep {block_map.stored[s.put_back]:>3}, remove {block_map.stored[s.block]:>3}  ->  "
+                   f"{s.search_ppl:10.3f} / {s.held_ppl:10.3f}   (removed {sorted(removed_so_far)})")
     click.echo(f"\nheld-apart calibration PPL (full model {choices['none'].held_ppl:.3f}):")
     for k, c in choices.items():
         if k in ("chosen", "none"):
