@@ -254,3 +254,22 @@ class BlockRunner:
         """The PPL of each removed set in ``candidates`` on ``split``: the one call every search
         makes, measured in one sweep of the blocks for all the sets together."""
         return [math.exp(total / count) for total, count in self.nll_many(candidates, split, progress)]
+
+    def kld_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[float]:
+        """``ppl_many``'s shape for the KL divergence: for each removed set, the mean over the
+        split's scored positions (those ``chunk_nll`` scores) of KL(full model || model without the
+        set), in nats, from one sweep for all the sets. The full model's distribution is recomputed
+        from the kept final-norm input for each set (no vocabulary-sized cache)."""
+        count = sum(self.chunks[i].shape[1] - 1 for i in split.indices)
+        out = []
+        with self.torch.no_grad():
+            for states in self.final_hidden_many(candidates, split, progress):
+                total = 0.0
+                for i, h in zip(split.indices, states):
+                    ref, got = self._log_probs(self.inputs[self.n_blocks][i]), self._log_probs(h)
+                    total += float((ref.exp() * (ref - got)).sum().double())
+                out.append(total / count)
+        return out
+
+    def _log_probs(self, h):
+        return self.torch.log_softmax(self.model.lm_head(self.norm(h))[0, :-1].float(), dim=-1)
