@@ -225,6 +225,21 @@ def test_one_shot_ppl_equals_transformers_with_the_block_deleted(demo_runner, re
     close([runner.ppl({1, 4}, runner.search)], [direct_ppl(_without(reference_model, (1, 4)), search_chunks(runner))])
 
 
+def test_kld_equals_transformers_with_the_blocks_deleted(demo_runner, reference_model):
+    runner, _ = demo_runner
+    pruned_model = _without(reference_model, (1, 4))
+    total = count = 0.0
+    with torch.no_grad():
+        for chunk in search_chunks(runner):
+            ref = torch.log_softmax(reference_model(input_ids=chunk, use_cache=False).logits[0, :-1].double(), -1)
+            got = torch.log_softmax(pruned_model(input_ids=chunk, use_cache=False).logits[0, :-1].double(), -1)
+            total += float((ref.exp() * (ref - got)).sum())
+            count += ref.shape[0]
+    none, ours = runner.kld_many([(), (1, 4)], runner.search)
+    assert abs(none) < 1e-6
+    close([ours], [total / count])
+
+
 def _without(model, remove):
     m = copy.deepcopy(model)
     for b in sorted(remove, reverse=True):
