@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout-chunks", type=int, default=6)
     parser.add_argument("--stories", action="store_true", help="also measure on the package's story text")
     parser.add_argument("--pool", type=int, default=None, help="blocks the search chooses from (default: prune's)")
+    parser.add_argument("--objective", choices=("ppl", "kld"), default="ppl",
+                        help="what the search lowers on its chunks (kld: from the full model; not a prune option)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     model = load_torch_model(args.model_dir)
     started = time.perf_counter()
     runner = BlockRunner(model, chunks_of(args.model_dir, calib, args.calib_ctx, args.chunks), args.held_apart)
-    scores, choices = measure(runner, args.remove, "greedy", silent=False, pool=args.pool)
+    scores, choices = measure(runner, args.remove, "greedy", silent=False, pool=args.pool,
+                             objective=args.objective)
     seconds = time.perf_counter() - started
     del runner
     evals = {"held out": BlockRunner(model, chunks_of(args.model_dir, heldout, args.ctx, args.heldout_chunks))}

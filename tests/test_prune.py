@@ -308,6 +308,16 @@ def test_exchanges_take_back_a_greedy_choice_that_later_ones_made_a_poor_fit():
     assert runner.asked - asked <= SWAP_ROUNDS * 2 * (6 - 2)   # the cost bound the docstring states
 
 
+def test_the_kld_objective_chooses_by_kld_and_reports_held_apart_ppl():
+    from shortquant.prune.search import greedy, swaps
+
+    runner = TableRunner(5, lambda r: 1.0 + sum(r))         # PPL: the lowest blocks are cheapest
+    runner.kld_many = lambda sets, split, progress=None: [10.0 - sum(s) for s in sets]   # KLD: the highest
+    first = greedy(runner, 2, objective="kld")
+    assert first.removed == (3, 4) and first.steps[-1].search_ppl == 3.0 and first.held_ppl == 8.5
+    assert swaps(runner, first, objective="kld").removed == (3, 4)   # already KLD's best pair
+
+
 def test_exchanges_never_end_above_greedy_and_find_the_best_pair_on_the_demo(demo_runner):
     import itertools
 

@@ -39,7 +39,7 @@ SWAP_ROUNDS = 3             # at most this many improving exchanges after greedy
 @dataclass
 class Step:
     block: int                     # removed at this step
-    search_ppl: float
+    search_ppl: float              # the search objective's value on the search chunks (PPL; KLD with "kld")
     held_ppl: float
     put_back: int | None = None    # a swap step: the block removed earlier and kept again
 
@@ -81,7 +81,13 @@ def one_shot(criterion: str, scores: Sequence[float], k: int) -> tuple[int, ...]
     return cheapest(scores, k, TAYLOR_PLUS_KEEP if criterion == "taylor" else (0, 0))
 
 
-def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | None = None) -> Choice:
+def _objective(runner: BlockRunner, objective: str):
+    """What the search lowers on its chunks: "ppl", or "kld" (from the full model's distribution)."""
+    return runner.kld_many if objective == "kld" else runner.ppl_many
+
+
+def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | None = None,
+           objective: str = "ppl") -> Choice:
     """Remove the block whose removal costs least, ``k`` times, re-measuring the rest each step.
     ``pool``: the blocks to try (default: all)."""
     removed: list[int] = []
@@ -89,7 +95,8 @@ def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | Non
     pool = list(range(runner.n_blocks)) if pool is None else sorted(pool)
     for _ in range(k):
         tried = [b for b in pool if b not in removed]
-        trials = dict(zip(tried, runner.ppl_many([[*removed, b] for b in tried], runner.search, progress)))
+        trials = dict(zip(tried, _objective(runner, objective)([[*removed, b] for b in tried], runner.search,
+                                                               progress)))
         best = min(trials, key=lambda b: (trials[b], b))
         removed.append(best)
         steps.append(Step(best, trials[best], runner.ppl(removed, runner.held)))
@@ -97,12 +104,13 @@ def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | Non
 
 
 def swaps(runner: BlockRunner, start: Choice, progress=None, pool: Sequence[int] | None = None,
-          rounds: int = SWAP_ROUNDS) -> Choice:
+          rounds: int = SWAP_ROUNDS, objective: str = "ppl") -> Choice:
     """From ``start`` (greedy's set, its last step's search PPL), take the best exchange of a
     removed block for a kept ``pool`` block while it lowers the search PPL, at most ``rounds`` times.
     Never ends above ``start``'s search PPL."""
     removed = set(start.removed)
-    current = start.steps[-1].search_ppl if start.steps else runner.ppl(removed, runner.search)
+    many = _objective(runner, objective)
+    current = start.steps[-1].search_ppl if start.steps else many([removed], runner.search)[0]
     pool = list(range(runner.n_blocks)) if pool is None else sorted(pool)
     steps = []
     for _ in range(rounds):
@@ -110,7 +118,7 @@ def swaps(runner: BlockRunner, start: Choice, progress=None, pool: Sequence[int]
         if not moves:
             break
         sets = [sorted(removed - {out} | {b}) for out, b in moves]
-        trials = runner.ppl_many(sets, runner.search, progress)
+        trials = many(sets, runner.search, progress)
         j = min(range(len(moves)), key=lambda j: (trials[j], sets[j]))
         if not trials[j] < current:
             break
@@ -133,9 +141,10 @@ def best_choice(runner: BlockRunner, choices: Sequence[Choice]) -> Choice:
     return min(choices, key=lambda c: c.held_ppl)
 
 
-def measure(runner, count: int, criterion: str, silent: bool, pool: int | None = None):
+def measure(runner, count: int, criterion: str, silent: bool, pool: int | None = None, objective: str = "ppl"):
     """Scores of every criterion, each criterion's one-shot set and (by default) the greedy and the
-    swapped ones. ``pool``: how many blocks the search chooses from (None: ``default_pool``)."""
+    swapped ones. ``pool``: how many blocks the search chooses from (None: ``default_pool``);
+    ``objective``: what the search lowers (the final pick is always by held-apart PPL)."""
     from tqdm import tqdm
 
     from .criteria import block_influence, one_shot_ppl, taylor
@@ -152,10 +161,10 @@ def measure(runner, count: int, criterion: str, silent: bool, pool: int | None =
         size = len(blocks or range(n))
         total = sum(size - i for i in range(count))
         with tqdm(total=total, desc="greedy search", unit="trial", disable=silent, leave=False) as bar:
-            choices["greedy"] = greedy(runner, count, bar, blocks)
+            choices["greedy"] = greedy(runner, count, bar, blocks, objective)
         with tqdm(total=SWAP_ROUNDS * count * (size - count), desc="swaps", unit="trial", disable=silent,
                   leave=False) as bar:
-            choices["swaps"] = swaps(runner, choices["greedy"], bar, blocks)
+            choices["swaps"] = swaps(runner, choices["greedy"], bar, blocks, objective=objective)
         choices["chosen"] = best_choice(runner, [choices["swaps"], choices["greedy"], *(choices[c] for c in CRITERIA)])
     else:
         best_choice(runner, list(choices.values()))   # measures each set's held-apart PPL for the table
