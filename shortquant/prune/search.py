@@ -12,8 +12,8 @@ The default search has two stages, both on the calibration PPL of the search chu
    every exchange of a removed block for a kept pool block is tried, the best one is taken if it
    lowers the PPL, and so on until none does (at most ``SWAP_ROUNDS`` exchanges).
 
-The pool is the blocks one-shot PPL ranks cheapest (``default_pool``: 2K, at least K + 4), which
-keeps the cost bounded on deep models. Then the swapped set, the greedy set and every one-shot set
+The pool is the blocks one-shot PPL ranks cheapest (``default_pool``: 2K, at least K + 4; ``prune``
+passes K + K/2 on a big deep model, see ``cost.py``), which keeps the cost bounded on deep models. Then the swapped set, the greedy set and every one-shot set
 are measured on the held-apart chunks (calibration text the choosing never saw) and the lowest
 wins, so the default is never worse there than a one-shot choice.
 
