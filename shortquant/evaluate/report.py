@@ -263,12 +263,17 @@ def report_figure(results: list[dict], *, unpruned: dict | None = None, x_axis: 
 
 def plot_report(results: list[dict], output: str | Path, *, unpruned: dict | None = None,
                 x_axis: str = "bpw", title: str | None = None) -> Path:
-    """Draw the report PNG (or PDF/SVG by suffix) and return its path."""
+    """Draw the report PNG (or PDF/SVG by suffix) and return its path (written whole or not at all)."""
+    import io
+
+    from shortquant.partfiles import write_atomic
+
     fig = report_figure(results, unpruned=unpruned, x_axis=x_axis, title=title)
     import matplotlib.pyplot as plt   # after report_figure chose the Agg backend
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=DPI)
+    image = io.BytesIO()
+    fig.savefig(image, format=output.suffix.lstrip(".").lower() or "png", dpi=DPI)
     plt.close(fig)
-    return output
+    return write_atomic(output, image.getvalue())

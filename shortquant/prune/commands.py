@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .criteria import CRITERIA
+from .frontier import frontier_options
 from .search import Choice
 
 HOW = {"swaps": "greedy search on calibration PPL refined by exchanges, checked against the one-shot choices on "
@@ -21,8 +22,9 @@ HOW = {"swaps": "greedy search on calibration PPL refined by exchanges, checked 
 
 
 @click.command("prune")
-@click.option("--remove", "-k", "count", type=click.IntRange(min=1), required=True, metavar="K",
-              help="How many blocks to remove.")
+@click.option("--remove", "-k", "count", type=click.IntRange(min=1), metavar="K",
+              help="How many blocks to remove (with --budget: the most the frontier tries, "
+                   "default a quarter of the blocks).")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
               help="Calibration text (prose of the kind the model serves); never the text you evaluate on.")
 @click.option("--criterion", type=click.Choice(["greedy", *CRITERIA]), default="greedy", show_default=True,
@@ -48,8 +50,9 @@ HOW = {"swaps": "greedy search on calibration PPL refined by exchanges, checked 
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Torch and quantization threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores, the choices and the files as JSON.")
+@frontier_options
 def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants, out_dir, save_hf, threads,
-                  quiet, as_json, **source):
+                  quiet, as_json, budget, heldout, eval_ctx, eval_chunks, **source):
     """Choose K blocks of SOURCE to remove by measuring it on calibration text, then export it.
 
     SOURCE is read as `export` reads it (the same --recipe, --source-blocks, --pre, ... options);
@@ -66,13 +69,22 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
       shortquant prune ./Llama-3.2-3B --remove 6 --calib calib.txt
       shortquant prune ./Llama-3.2-3B --remove 6 --calib calib.txt -q q4_k_m -q q8_0 --out ./gguf
       shortquant prune ./Llama-3.2-3B --remove 6 --calib calib.txt --criterion bi --save-hf ./pruned-hf
+
+    With --budget SIZE and --text FILE (held-out text), the frontier: at that file size, the
+    unpruned model at the highest-bit type that fits against 1..K blocks removed (the search's
+    first K removals) at the highest-bit types that fit; each file is written to --out/kN/ and
+    measured as `shortquant eval --base` does (KLD against the unpruned F16, PPL); prints which
+    wins and writes frontier.png and frontier-results.json to --out:
+
+    \b
+      shortquant prune ./Llama-3.2-3B --budget 1.6G --calib calib.txt --text heldout.txt --remove 6
     """
     import dataclasses
 
     from tqdm import tqdm
 
     from ..export_cli import _options_from
-    from ..errors import EvalError, LayoutError
+    from ..errors import EvalError, LayoutError, QuantError
     from ..evaluate.perplexity import read_text
     from ..export import make_model_plan
     from ..families.hf_model import load_torch_model
@@ -80,6 +92,7 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     from ..source.checkpoint import open_checkpoint
     from ..tokenizer.encode import encode_text
     from .cost import choose
+    from .frontier import finish, prepare
     from .runner import BlockRunner, stream_blocks
     from .save_hf import check_target
     from .search import check_count, measure
@@ -92,12 +105,18 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
         check_target(save_hf)
     checkpoint = open_checkpoint(path)
     block_map = make_model_plan(checkpoint, options).block_map
+    text = read_text(calib)
+    calib_id = f"{calib.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    frontier = prepare(path, options, block_map, calib, count, criterion, calib_id, budget, heldout, eval_ctx,
+                       eval_chunks)
+    count = frontier.count if frontier else count
+    if count is None:
+        raise QuantError("--remove K: say how many blocks to remove (or --budget SIZE for the frontier)")
     check_count(count, block_map.block_count)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    text = read_text(calib)
     ids, bos = encode_text(path, text)
     n, streamed = block_map.block_count, stream_blocks(checkpoint)
     settings = choose(n, count, ctx, min(chunks or 16, max(2, len(ids) // ctx)), held_apart, pool,
@@ -118,7 +137,6 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
             "predicted_ratio_to_export": round(settings.ratio, 2), "sweeps": runner.costs}
     chosen = choices[criterion] if criterion != "greedy" else choices["chosen"]
     removed = tuple(block_map.stored[b] for b in chosen.removed)
-    calib_id = f"{calib.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     method = f"shortquant prune: {HOW[chosen.how]}; calibration {calib_id}"
     del runner
     gc.collect()
@@ -131,7 +149,10 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     report = _print_choice(block_map, scores, choices, chosen, removed, runner_info=(len(pieces), held, ctx),
                            as_json=as_json, quiet=quiet, saved=saved)
     report["cost"] = cost
-    if quants:
+    if frontier:   # -q then names the types the frontier tries
+        report["frontier"] = finish(frontier, path, options, block_map, criterion, scores, choices, calib_id,
+                                    silent, table=not as_json)
+    elif quants:
         from ..export_cli import _export_printer
         from ..job import run_job
 
