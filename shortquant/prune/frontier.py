@@ -80,6 +80,7 @@ class Row:
     removed: tuple[int, ...]        # stored block indices
     sizes: dict[str, int]           # type -> planned bytes
     quant: str | None               # the highest-bit type that fits (None: none does)
+    method: str | None = None       # how the blocks were chosen, as the file records it
     path: Path | None = None
     result: dict | None = None      # the file's entry in the evaluation's results
 
@@ -228,7 +229,7 @@ def run_frontier(setup: Setup, path: Path, options, block_map, sets: Sequence[tu
         removed = tuple(sorted(block_map.stored[b] for b in chosen))
         opts = _options(options, setup, k, removed, method(k, criterion, calib_id))
         sizes = planned_sizes(checkpoint, opts)
-        rows.append(Row(k, removed, sizes, pick(sizes, setup.budget)))
+        rows.append(Row(k, removed, sizes, pick(sizes, setup.budget), opts.pruning_method))
         row_options.append(opts)
     if not any(r.quant for r in rows):   # per-block shapes: the sets chosen may be larger than the check's
         k, q = min(((r.k, q) for r in rows for q in r.sizes), key=lambda kq: rows[kq[0]].sizes[kq[1]])
@@ -279,7 +280,7 @@ def as_dict(rows: Sequence[Row], results: dict, setup: Setup, reference: dict, r
         res = r.result or {}
         kld = res.get("kld") or {}
         up = next_up(r.sizes, r.quant) if r.quant else None
-        return {"k": r.k, "removed": list(r.removed), "type": r.quant and r.label,
+        return {"k": r.k, "removed": list(r.removed), "method": r.method, "type": r.quant and r.label,
                 "path": str(r.path) if r.path else None, "bytes": res.get("bytes"),
                 "planned_bytes": r.sizes[r.quant] if r.quant else None,
                 "next_type_up": {"type": up.upper(), "planned_bytes": r.sizes[up]} if up else None,
