@@ -131,6 +131,10 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
               show_default=True,
               help="dtype of the model --optimize probes: auto is bfloat16 for a 16-bit checkpoint of 0.5B+ "
                    "parameters (half float32's memory), else float32.")
+@click.option("--optimize-keep", metavar="KIND[,KIND...]",
+              help="Tensor kinds --optimize leaves at the standard mix's type (token_embd, output, attn_q, "
+                   "attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down; a tied embedding is the output "
+                   "too); the budget goes to the other tensors. E.g. token_embd,output: only the blocks change.")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Calibration text for --optimize / --target-*; never the text you evaluate on.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
@@ -160,7 +164,7 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
            split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None, optimize=False,
-           target_bpw=None, target_size=None, calib=None, probe_dtype="auto"):
+           target_bpw=None, target_size=None, calib=None, probe_dtype="auto", optimize_keep=None):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -192,7 +196,7 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
                                   tensor_types=tuple(tensor_types), pure=pure, optimize=optimize,
                                   target_bpw=target_bpw, target_size=target_size, calib=calib, threads=threads,
                                   allow_nonfinite=allow_nonfinite, base_model=base_model, license=license_id,
-                                  force=force, probe_dtype=probe_dtype)
+                                  force=force, probe_dtype=probe_dtype, optimize_keep=optimize_keep)
     steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
                      card=make_card)
     result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))

@@ -59,6 +59,7 @@ EXPORT_SETTINGS: dict[str, object] = {
     "pad_ffn": None, "imatrix": None, "output_type": None, "embedding_type": None, "tensor_types": (),
     "pure": False, "optimize": False, "target_bpw": None, "target_size": None, "calib": None, "threads": None,
     "allow_nonfinite": False, "base_model": None, "license": None, "force": False, "probe_dtype": "auto",
+    "optimize_keep": None,
 }
 
 
@@ -81,7 +82,8 @@ def options_from(source: str | None, out_dir: Path, *, quiet: bool = False,
     s = {**EXPORT_SETTINGS, **settings}
     overrides = QuantOverrides.parse(output_type=s["output_type"], embedding_type=s["embedding_type"],
                                      pure=s["pure"], tensor_types=list(s["tensor_types"] or ()))
-    request = optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"])
+    request = optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"],
+                               s["optimize_keep"])
     path, implied = resolve_source(source)
     if implied and not s["recipe"] and source is not None and note is not None:
         note(f"using recipe {implied} (known release; --recipe to choose another)")
@@ -119,23 +121,24 @@ def default_quants(quants, target_bpw=None, target_size=None) -> tuple[str, ...]
     return () if target_bpw is not None or target_size is not None else ("f16",)
 
 
-def optimize_request(optimize: bool, target_bpw, target_size, calib, probe_dtype: str = "auto"):
-    """--optimize / --target-bpw / --target-size / --calib / --probe-dtype as an OptimizeRequest
-    (or None)."""
-    from .quant.optimize import OptimizeRequest, parse_target_bpw
+def optimize_request(optimize: bool, target_bpw, target_size, calib, probe_dtype: str = "auto", keep=None):
+    """--optimize / --target-bpw / --target-size / --calib / --probe-dtype / --optimize-keep as an
+    OptimizeRequest (or None)."""
+    from .quant.optimize import OptimizeRequest, parse_keep, parse_target_bpw
     from .sizes import parse_size
 
     wanted = optimize or target_bpw is not None or target_size is not None
     if not wanted:
-        if calib is not None:
-            raise QuantError("--calib is only used with --optimize, --target-bpw or --target-size")
+        if calib is not None or keep is not None:
+            option = "--calib" if calib is not None else "--optimize-keep"
+            raise QuantError(f"{option} is only used with --optimize, --target-bpw or --target-size")
         return None
     if calib is None:
         raise QuantError("--optimize, --target-bpw and --target-size need a calibration text: --calib FILE")
     size = parse_size(target_size, QuantError, "--target-size") if target_size is not None else None
     bpw = parse_target_bpw(target_bpw) if target_bpw is not None else None
     return OptimizeRequest(calib=Path(calib), optimize=optimize, target_bpw=bpw, target_size=size,
-                           probe_dtype=probe_dtype)
+                           probe_dtype=probe_dtype, keep=parse_keep(keep) if keep is not None else ())
 
 
 @dataclass

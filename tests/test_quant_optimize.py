@@ -373,6 +373,82 @@ def test_target_bpw_takes_a_comma_list(tiny, texts, tmp_path):
     assert bad.exit_code == 2 and "--target-bpw" in bad.stderr and "Traceback" not in bad.stderr
 
 
+# -- holding some tensors at the standard mix's types ---------------------------------------------
+def test_optimize_keep_holds_tensors_at_each_mixs_types(tiny, texts, tmp_path, monkeypatch):
+    """--optimize-keep token_embd,output: in every file of a ladder those tensors have exactly
+    that file's standard-mix types (q3_k_m and q4_k_m give the embedding different ones), they
+    are not probed, each file is within its budget; and the pin holds where the solver, free,
+    would spend on them."""
+    import dataclasses
+
+    from shortquant.quant import optimize
+
+    kept_names = {"token_embd.weight", "output.weight"}
+    measured = []
+    real = optimize.measure
+    monkeypatch.setattr(optimize, "measure", lambda *a, **k: measured.append(real(*a, **k)) or measured[-1])
+    calib, _ = texts
+    report = library_export(tiny, tmp_path / "keep", ["q3_k_m", "q4_k_m"], calib, optimize=True,
+                            keep=("token_embd", "output"))
+    (m,) = measured
+    assert not kept_names & set(m.probes) and m.probes   # the blocks are probed, the kept tensors not
+    embd_types = set()
+    for outcome in report.optimized:
+        ref = outcome.target.reference.tensor_types
+        path = outcome.file.path
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+        assert {n: types[n] for n in kept_names} == {n: ref[n] for n in kept_names}, path.name
+        assert outcome.bytes == path.stat().st_size <= outcome.target.budget
+        embd_types.add(ref["token_embd.weight"])
+    assert len(embd_types) == 2   # each file its own mix's type, not one type for the ladder
+
+    # the same measurement, the embedding made to look very sensitive: free, the solver upgrades
+    # it; kept, it stays at the standard type and the file still fits
+    loud = dataclasses.replace(m, coef={**m.coef, "token_embd.weight": m.coef["token_embd.weight"] * 1e6})
+    target = report.optimized[0].target
+    plan = optimize_plan(tiny)
+    base = optimize.OptimizeSettings(calib=calib, quiet=True)
+    free, _ = optimize.solve_target(plan, target, loud, base, "x", tmp_path, False)
+    kept, _ = optimize.solve_target(plan, target, loud, dataclasses.replace(base, keep=("token_embd",)), "x",
+                                    tmp_path, False)
+    ref = target.reference.tensor_types["token_embd.weight"]
+    assert free.tensor_types["token_embd.weight"] != ref
+    assert kept.tensor_types["token_embd.weight"] == ref
+    assert optimize.file_bytes(plan, kept) <= target.budget
+
+
+def optimize_plan(src):
+    from shortquant.export import ExportOptions, make_model_plan
+    from shortquant.source.checkpoint import open_checkpoint
+
+    return make_model_plan(open_checkpoint(src), ExportOptions())
+
+
+def test_optimize_keep_names_and_a_tied_embedding(tiny, texts, tmp_path):
+    from types import SimpleNamespace
+
+    from shortquant.errors import QuantError
+    from shortquant.quant.optimize import kept_tensors, parse_keep
+
+    assert parse_keep("output, ffn_down,output") == ("output", "ffn_down")
+    for bad in ("embd", "", "output,blk.0"):
+        with pytest.raises(QuantError):
+            parse_keep(bad)
+    tensors = [SimpleNamespace(name=n) for n in ("token_embd.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight")]
+    tied = SimpleNamespace(tensors=tensors)   # no output.weight: the embedding is the output
+    assert kept_tensors(tied, ("output",)) == {"token_embd.weight"}
+    assert kept_tensors(tied, ("ffn_down",)) == {"blk.0.ffn_down.weight"}
+    untied = SimpleNamespace(tensors=tensors + [SimpleNamespace(name="output.weight")])
+    assert kept_tensors(untied, ("output",)) == {"output.weight"}
+    bad = run_export(tiny, tmp_path / "bad", "-q", "q4_k_m", "--optimize", "--calib", str(texts[0]),
+                     "--optimize-keep", "token_embd,embd")
+    assert bad.exit_code == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "--optimize-keep: unknown tensor kind 'embd'" in bad.stderr
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())
+    lone = run_export(tiny, tmp_path / "lone", "-q", "q4_k_m", "--optimize-keep", "output")
+    assert lone.exit_code == 2 and "only used with --optimize" in lone.stderr
+
+
 # -- the bfloat16 probe path -----------------------------------------------------------------------
 def test_bf16_probe_agrees_with_float32(tiny, texts):
     """The bfloat16 model's reference log-probs are the float32 model's within bfloat16's

@@ -99,6 +99,7 @@ class ModelJob:
     calib: str | None = None
     force: bool = False
     probe_dtype: str = "auto"
+    optimize_keep: str | None = None
 
 
 @dataclass
@@ -197,7 +198,8 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     if len(problems) > before:
         return None
     try:   # export's own rule: --calib with, and only with, --optimize or a target
-        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"])
+        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"],
+                         s["optimize_keep"])
     except ShortquantError as exc:
         problem("calib", str(exc))
         return None
@@ -219,7 +221,8 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
         license=s["license"], optimize=s["optimize"],
         target_bpw=tuple(s["target_bpw"]) if isinstance(s["target_bpw"], list) else s["target_bpw"],
         target_size=None if s["target_size"] is None else str(s["target_size"]), calib=s["calib"], force=s["force"],
-        probe_dtype=s["probe_dtype"])
+        probe_dtype=s["probe_dtype"],
+        optimize_keep=",".join(s["optimize_keep"]) if isinstance(s["optimize_keep"], list) else s["optimize_keep"])
 
 
 def _check_settings(values: dict, base_dir: Path, problem) -> dict:

@@ -21,6 +21,8 @@ The result is a :class:`FilePlan` like any other: the chosen types are fed throu
 metadata. Several targets share one measurement (a ladder: ``-q q3_k_m -q q4_k_m --optimize``,
 ``--target-bpw 3,4,5``): the candidate types do not depend on which targets were asked for, so
 every file of a ladder is byte-identical to the file a run for that target alone writes.
+``--optimize-keep token_embd,output`` holds those tensors at each target's standard-mix type and
+spends the budget on the others (what the blocks alone gain; they are not probed).
 ``--json`` reports each stage's seconds and the process's peak RSS at its end
 (:func:`shortquant.system.peak_rss`).
 """
@@ -44,7 +46,8 @@ from gguf import GGUFValueType
 from .. import keys
 from ..errors import QuantError
 from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan
-from .mixes import OUTPUT, TOKEN_EMBD, QuantOverrides, plan_file, tensor_role
+from .mixes import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, OUTPUT, TOKEN_EMBD,
+                    QuantOverrides, plan_file, tensor_role)
 from .sensitivity import candidate_types, roundtrip, tensor_errors
 from .solver import BudgetTooSmall, Option, solve
 from .types import QuantSpec, is_quantized, parse_quant
@@ -52,6 +55,8 @@ from .types import QuantSpec, is_quantized, parse_quant
 # Standard mixes a --target-bpw / --target-size file is compared with (the largest that fits).
 REFERENCE_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0")
 OPT_SUFFIX = "_OPT"
+# Tensor kinds ``--optimize-keep`` can hold at the standard mix's type.
+KEEP_KINDS = (TOKEN_EMBD, OUTPUT, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT, FFN_GATE, FFN_UP, FFN_DOWN)
 # Tensors larger than this many values are measured on evenly spaced rows (rows quantize
 # independently, so the sum over a row sample, scaled, estimates the whole).
 SAMPLE_VALUES = 1 << 20
@@ -69,6 +74,7 @@ class OptimizeSettings:
     quiet: bool = False
     base_metadata: tuple[MetaItem, ...] = ()   # what export adds to every file (counted in budgets)
     overrides: QuantOverrides | None = None    # the user's --tensor-type & co: kept as given
+    keep: tuple[str, ...] = ()   # tensor kinds held at each target's standard-mix type (--optimize-keep)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class OptimizeRequest:
     ``optimize``: every quantized ``--quant`` becomes its optimized variant, within the
     standard mix's own file size; ``target_bpw`` (one value or several) / ``target_size``: one
     more file within each budget (bits per weight over all parameters, or whole-file bytes).
+    ``keep``: tensor kinds (:data:`KEEP_KINDS`) every file holds at its standard mix's type, so
+    the budget is spent on the other tensors only (:func:`parse_keep`).
     """
 
     calib: Path
@@ -89,6 +97,7 @@ class OptimizeRequest:
     verify_chunks: int = 2
     max_probe_blocks: int = 8
     probe_dtype: str = "auto"
+    keep: tuple[str, ...] = ()
 
 
 def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], options, importance: dict,
@@ -109,7 +118,8 @@ def run_optimizer(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], option
     settings = OptimizeSettings(calib=request.calib, ctx=request.ctx, probe_chunks=request.probe_chunks,
                                 verify_chunks=request.verify_chunks, max_probe_blocks=request.max_probe_blocks,
                                 probe_dtype=request.probe_dtype, threads=options.threads, quiet=options.quiet,
-                                base_metadata=tuple(base_metadata), overrides=options.overrides)
+                                base_metadata=tuple(base_metadata), overrides=options.overrides,
+                                keep=tuple(request.keep))
     return optimize_files(checkpoint, plan, files, targets, settings, importance, options.out_dir, has_imatrix)
 
 
@@ -217,6 +227,30 @@ def parse_target_bpw(text) -> tuple[float, ...]:
     return values
 
 
+def parse_keep(text) -> tuple[str, ...]:
+    """Tensor kinds for ``--optimize-keep``: ``token_embd,output`` (a jobs file may give a list).
+
+    >>> parse_keep("token_embd, output")
+    ('token_embd', 'output')
+    """
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    kinds = tuple(str(k).strip() for k in items if str(k).strip())
+    for kind in kinds:
+        if kind not in KEEP_KINDS:
+            raise QuantError(f"--optimize-keep: unknown tensor kind {kind!r} (one of {', '.join(KEEP_KINDS)})")
+    if not kinds:
+        raise QuantError("--optimize-keep wants tensor kinds like token_embd,output")
+    return tuple(dict.fromkeys(kinds))
+
+
+def kept_tensors(plan: ModelPlan, kinds: Sequence[str]) -> set[str]:
+    """The tensors of ``kinds``. With a tied embedding (no output.weight) the token embedding
+    is the output too, so ``output`` keeps it."""
+    tied = not any(tensor_role(t.name) == OUTPUT for t in plan.tensors)
+    wanted = set(kinds) | ({TOKEN_EMBD} if tied and OUTPUT in kinds else set())
+    return {t.name for t in plan.tensors if tensor_role(t.name) in wanted}
+
+
 def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, target_bpw: float | None,
                  target_size: int | None, out_dir: Path, overrides=None, has_imatrix: bool = False,
                  base: Sequence[MetaItem] = ()) -> list[Target]:
@@ -320,6 +354,7 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
     fixed_plan = plan_file(plan, "q8_0", Path("."), require_imatrix=False)
     dist = cut_distance(plan)
     probed_blocks = set(probe_blocks(plan, settings.max_probe_blocks))
+    kept = kept_tensors(plan, settings.keep)   # their type is the standard mix's: no probe needed
     probe_slice = slice(0, settings.probe_chunks)
     errors, probes, fixed, raw_coef = {}, {}, {}, {}
     user = user_choices(plan, settings.overrides, has_imatrix)
@@ -342,7 +377,7 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
                                 embedding_or_output=special)
         data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
         block = block_of(t.name)
-        probe = special or block in probed_blocks
+        probe = (special or block in probed_blocks) and t.name not in kept
         ptype = _probe_type(cands)
         if role == TOKEN_EMBD:   # a row matters as often as its token occurs
             rows, row_w, scale = _sample_token_rows(prober.token_counts[: t.shape[0]], t.shape[-1])
@@ -490,12 +525,14 @@ def solve_target(plan: ModelPlan, target: Target, m: Measurement, settings: Opti
     whole = file_bytes(plan, probe, _metadata(target, calib_id, [], 0.0, 0.0), settings.base_metadata)
     head = whole - sum(_align(probe.tensor_nbytes(t), align_to) for t in plan.tensors)
     fixed_bytes = sum(_align(probe.tensor_nbytes(t), align_to) for t in plan.tensors if t.name in m.fixed)
+    kept = kept_tensors(plan, settings.keep)   # optimize_files checked each target has a reference
     options = {}
     for t in plan.tensors:
         if t.name in m.fixed:
             continue
         options[t.name] = [Option(q, _align(_nbytes(t, q), align_to), m.coef[t.name] * e)
-                           for q, e in m.errors[t.name].items()]
+                           for q, e in m.errors[t.name].items()
+                           if t.name not in kept or q == target.reference.tensor_types[t.name]]
     start = None
     if target.reference is not None:
         start = {n: target.reference.tensor_types[n] for n in options}
@@ -644,6 +681,9 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
 
     for target in targets:   # before any measuring: a budget nothing can meet is an error at once
         check_reachable(plan, target, out_dir, has_imatrix, settings.base_metadata)
+        if settings.keep and target.reference is None:
+            raise QuantError(f"{target.label}: --optimize-keep holds tensors at the standard mix's types, "
+                             f"and no standard mix fits a budget of {target.budget:,} bytes")
     text = read_text(settings.calib)
     calib_id = f"{Path(settings.calib).name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     tokens, bos = encode_text(plan.source, text)

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Benchmark of issue 23 item 4: --optimize against llama.cpp's mixes, measured by llama.cpp.
+
+On a real checkpoint, one text split in two: its start is the calibration text (llama-imatrix
+and the optimizer), the rest is held out (the KL divergence). Both sides get the same
+importance matrix (llama-imatrix on the F16 export). For each mix (default q4_k_m, q3_k_m):
+
+- ``llama.cpp``: shortquant's export of the standard mix (the same types llama-quantize picks);
+- ``optimized``: ``--optimize`` (every tensor free, embedding and output included);
+- ``blocks only``: ``--optimize --optimize-keep token_embd,output`` (the embedding and the output
+  at llama.cpp's types for that mix, the budget spent on the blocks' tensors alone).
+
+Every file is measured by ``llama-perplexity --kl-divergence`` against the F16 file's logits on
+the held-out text (mean KLD +- error, same top-1), and the sizes compared.
+
+    python scripts/bench_optimize_kld.py --model /tmp/smollm2-hf --out-dir /tmp/bench-kld
+    python scripts/bench_optimize_kld.py --model /tmp/smollm2-hf --out-dir /tmp/bench-kld --reuse \\
+        --variant probe30=max_probe_blocks:30      # one more blocks-only variant, files reused
+
+Needs llama.cpp's llama-imatrix and llama-perplexity built for the installed llama-cpp-python
+(``python scripts/llama_cpp_tools.py llama-imatrix llama-perplexity``). Results go to
+<out-dir>/bench_optimize_kld.json as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_optimize import export, spend, tensor_types  # noqa: E402
+from llama_cpp_tools import FINAL, KLD_MEAN, SAME_TOP, cached_tool  # noqa: E402
+
+DEFAULT_TEXT = REPO.parent / "shared" / "fixtures" / "calibration-text.txt"
+BLOCKS_ONLY = ("token_embd", "output")
+
+
+def split_text(text: Path, at: int, out: Path) -> tuple[Path, Path]:
+    """The calibration part (characters before ``at``) and the held-out part (from ``at`` on)."""
+    whole = text.read_text(encoding="utf-8")
+    if not 0 < at < len(whole):
+        raise SystemExit(f"--split {at} is outside the text ({len(whole)} characters)")
+    calib, held = out / "calib.txt", out / "heldout.txt"
+    calib.write_text(whole[:at], encoding="utf-8")
+    held.write_text(whole[at:], encoding="utf-8")
+    return calib, held
+
+
+def tool(name: str) -> Path:
+    path = cached_tool(name=name)
+    if path is None:
+        raise SystemExit(f"{name} is not built: python scripts/llama_cpp_tools.py {name}")
+    return path
+
+
+def run(cmd: list[str], wanted) -> str:
+    proc = subprocess.run(["nice", *map(str, cmd)], capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0 or not wanted.search(output):
+        raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}): {output.strip().splitlines()[-3:]}")
+    return output
+
+
+def llama_imatrix(f16: Path, calib: Path, out: Path, ctx: int, chunks: int, threads: int) -> Path:
+    import re
+
+    run([tool("llama-imatrix"), "-m", f16, "-f", calib, "-o", out, "-c", ctx, "--chunks", chunks, "-t", threads],
+        re.compile(r"save|stored|imatrix", re.I))
+    if not out.is_file():
+        raise SystemExit(f"llama-imatrix wrote no {out}")
+    return out
+
+
+def kld(model: Path, logits: Path, held: Path, ctx: int, chunks: int, threads: int) -> dict:
+    common = ["-f", held, "-c", ctx, "--chunks", chunks, "-t", threads, "--kl-divergence-base", logits]
+    output = run([tool("llama-perplexity"), "-m", model, *common, "--kl-divergence"], SAME_TOP)
+    mean = KLD_MEAN.search(output)
+    return {"mean": float(mean.group(1)), "err": float(mean.group(2)),
+            "same_top1": float(SAME_TOP.search(output).group(1)) / 100}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``name=key:value,key:value`` -> (name, OptimizeRequest fields); a blocks-only run."""
+    name, _, rest = text.partition("=")
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition(":")
+        fields[key] = int(value) if value.isdigit() else value
+    return name, fields
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text to split [calibration-text fixture]")
+    parser.add_argument("--split", type=int, default=150_000, help="calibration = characters before this")
+    parser.add_argument("--quant", "-q", action="append", default=None, help="mixes [q4_k_m, q3_k_m]")
+    parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity and llama-imatrix context")
+    parser.add_argument("--chunks", type=int, default=16, help="held-out chunks llama-perplexity measures")
+    parser.add_argument("--imatrix-chunks", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="one more blocks-only run, NAME=FIELD:VALUE,... of OptimizeRequest "
+                             "(e.g. probe30=max_probe_blocks:30)")
+    parser.add_argument("--no-free", action="store_true", help="skip the run with embedding/output free")
+    parser.add_argument("--reuse", action="store_true", help="reuse files and KLDs already in --out-dir")
+    args = parser.parse_args(argv)
+
+    from shortquant.quant.optimize import OptimizeRequest
+    from shortquant.export import ExportOptions, make_model_plan
+    from shortquant.source.checkpoint import open_checkpoint
+
+    quants = args.quant or ["q4_k_m", "q3_k_m"]
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "bench_optimize_kld.json"
+    state = json.loads(state_file.read_text()) if args.reuse and state_file.is_file() else {}
+    files, klds, seconds = state.get("files", {}), state.get("kld", {}), state.get("seconds", {})
+
+    def save():
+        state.update(files=files, kld=klds, seconds=seconds)
+        state_file.write_text(json.dumps(state, indent=2))
+
+    calib, held = split_text(args.text, args.split, out)
+    if "f16" not in files:
+        report, _ = export(args.model, out / "f16", ["f16"], None, threads=args.threads)
+        files["f16"] = str(report.files[0].path)
+    f16 = Path(files["f16"])
+    imatrix = out / "model.imatrix.gguf"
+    if not imatrix.is_file() or not args.reuse:
+        tick = time.perf_counter()
+        llama_imatrix(f16, calib, imatrix, args.ctx, args.imatrix_chunks, args.threads)
+        seconds["imatrix"] = time.perf_counter() - tick
+    if "llama.cpp" not in files:
+        report, seconds["llama.cpp"] = export(args.model, out / "standard", quants, imatrix, threads=args.threads)
+        files["llama.cpp"] = [str(f.path) for f in report.files]
+    save()
+
+    runs = ([] if args.no_free else [("optimized", {})]) + [("blocks only", {"keep": BLOCKS_ONLY})]
+    runs += [(name, {"keep": BLOCKS_ONLY, **fields}) for name, fields in map(parse_variant, args.variant)]
+    for name, fields in runs:
+        if name in files:
+            continue
+        request = OptimizeRequest(calib=calib, optimize=True, **fields)
+        folder = out / name.replace(" ", "-")
+        report, seconds[name] = export(args.model, folder, quants, imatrix, request, threads=args.threads)
+        files[name] = [str(f.path) for f in report.files]
+        state.setdefault("notes", {})[name] = [n for o in report.optimized for n in o.notes]
+        save()
+
+    logits = out / "f16.logits.bin"
+    if not logits.is_file() or not args.reuse:
+        run([tool("llama-perplexity"), "-m", f16, "-f", held, "-c", args.ctx, "--chunks", args.chunks,
+             "-t", args.threads, "--kl-divergence-base", logits], FINAL)
+    names = ["llama.cpp"] + [name for name, _ in runs]
+    for name in names:
+        for path in files[name]:
+            if path not in klds:
+                klds[path] = kld(Path(path), logits, held, args.ctx, args.chunks, args.threads)
+                save()
+
+    plan = make_model_plan(open_checkpoint(args.model), ExportOptions())
+    print(f"model {args.model} ({plan.n_params:,} parameters); calibration: {args.text.name}[:{args.split}] "
+          f"(imatrix {args.imatrix_chunks} x {args.ctx} tokens, same file both sides); held-out: "
+          f"[{args.split}:], {args.chunks} chunks of {args.ctx} tokens; KLD by llama-perplexity vs the F16 file")
+    print()
+    print("| mix | run | bytes | bpw | mean KLD | same top-1 | KLD vs llama.cpp |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for i, quant in enumerate(quants):
+        base = None
+        for name in names:
+            path = Path(files[name][i])
+            k = klds[str(path)]
+            size = path.stat().st_size
+            base = k["mean"] if base is None else base
+            delta = "" if name == "llama.cpp" else f"{(k['mean'] / base - 1) * 100:+.1f}%"
+            rows.append({"mix": quant, "run": name, "file": path.name, "bytes": size, "kld": k, "delta": delta})
+            print(f"| {quant} | {name} | {size:,} | {size * 8 / plan.n_params:.3f} | {k['mean']:.5f} ± {k['err']:.5f} "
+                  f"| {k['same_top1'] * 100:.2f}% | {delta} |")
+    print()
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    for name in names[1:]:
+        for i, quant in enumerate(quants):
+            groups = spend(plan, tensor_types(Path(files["llama.cpp"][i])), tensor_types(Path(files[name][i])))
+            print(f"{quant} {name}: " + "; ".join(f"{k} {v['bpw_standard']:.2f} -> {v['bpw_optimized']:.2f}"
+                                                   for k, v in groups.items() if k.startswith("kind")))
+    for name, notes in state.get("notes", {}).items():
+        for note in notes:
+            print(f"note ({name}): {note}")
+    state["rows"] = rows
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
