@@ -105,13 +105,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quant", "-q", action="append", default=None, help="mixes [q4_k_m, q3_k_m]")
     parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity and llama-imatrix context")
     parser.add_argument("--chunks", type=int, default=16, help="held-out chunks llama-perplexity measures")
-    parser.add_argument("--imatrix-chunks", type=int, default=32)
+    parser.add_argument("--imatrix-chunks", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[],
                         help="one more blocks-only run, NAME=FIELD:VALUE,... of OptimizeRequest "
                              "(e.g. probe30=max_probe_blocks:30)")
     parser.add_argument("--no-free", action="store_true", help="skip the run with embedding/output free")
     parser.add_argument("--reuse", action="store_true", help="reuse files and KLDs already in --out-dir")
+    parser.add_argument("--exports-only", action="store_true", help="write the files, measure nothing yet")
     args = parser.parse_args(argv)
 
     from shortquant.quant.optimize import OptimizeRequest
@@ -144,28 +145,32 @@ def main(argv=None) -> int:
         files["llama.cpp"] = [str(f.path) for f in report.files]
     save()
 
-    runs = ([] if args.no_free else [("optimized", {})]) + [("blocks only", {"keep": BLOCKS_ONLY})]
-    runs += [(name, {"keep": BLOCKS_ONLY, **fields}) for name, fields in map(parse_variant, args.variant)]
-    for name, fields in runs:
-        if name in files:
-            continue
-        request = OptimizeRequest(calib=calib, optimize=True, **fields)
-        folder = out / name.replace(" ", "-")
-        report, seconds[name] = export(args.model, folder, quants, imatrix, request, threads=args.threads)
-        files[name] = [str(f.path) for f in report.files]
-        state.setdefault("notes", {})[name] = [n for o in report.optimized for n in o.notes]
-        save()
-
     logits = out / "f16.logits.bin"
-    if not logits.is_file() or not args.reuse:
+    if not args.exports_only and (not logits.is_file() or not args.reuse):
         run([tool("llama-perplexity"), "-m", f16, "-f", held, "-c", args.ctx, "--chunks", args.chunks,
              "-t", args.threads, "--kl-divergence-base", logits], FINAL)
-    names = ["llama.cpp"] + [name for name, _ in runs]
-    for name in names:
-        for path in files[name]:
+
+    def measure(name):
+        for path in files[name] if not args.exports_only else ():
             if path not in klds:
                 klds[path] = kld(Path(path), logits, held, args.ctx, args.chunks, args.threads)
                 save()
+
+    measure("llama.cpp")
+    runs = ([] if args.no_free else [("optimized", {})]) + [("blocks only", {"keep": BLOCKS_ONLY})]
+    runs += [(name, {"keep": BLOCKS_ONLY, **fields}) for name, fields in map(parse_variant, args.variant)]
+    for name, fields in runs:   # each run measured as soon as it is written
+        if name not in files:
+            request = OptimizeRequest(calib=calib, optimize=True, **fields)
+            folder = out / name.replace(" ", "-")
+            report, seconds[name] = export(args.model, folder, quants, imatrix, request, threads=args.threads)
+            files[name] = [str(f.path) for f in report.files]
+            state.setdefault("notes", {})[name] = [n for o in report.optimized for n in o.notes]
+            save()
+        measure(name)
+    names = ["llama.cpp"] + [name for name, _ in runs]
+    if args.exports_only:
+        return 0
 
     plan = make_model_plan(open_checkpoint(args.model), ExportOptions())
     print(f"model {args.model} ({plan.n_params:,} parameters); calibration: {args.text.name}[:{args.split}] "

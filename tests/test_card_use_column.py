@@ -109,3 +109,20 @@ def test_no_file_meets_the_rule(ladder):
                           for t in ("Q8_0", "Q2_K")})
     assert ("Recommended file: Q4_K_M, the usual balance of size and quality for llama.cpp (no file's most "
             "likely next token matches the reference's 90 % of the time).") in text
+
+
+def test_an_optimized_file_is_compared_with_its_mix():
+    """A measured Q4_K_M_OPT beside a measured Q4_K_M: its Use note says how its KLD compares;
+    unmeasured, or no base mix in the folder: nothing added."""
+    from types import SimpleNamespace
+
+    from shortquant.publish.card import _versus_base_mix, type_note
+
+    base = SimpleNamespace(name="m-Q4_K_M.gguf", type="Q4_K_M", bytes=105_000_000)
+    opt = SimpleNamespace(name="m-Q4_K_M_OPT.gguf", type="Q4_K_M_OPT", bytes=104_999_000)
+    measured = {base.name: {"kld": {"mean": 0.0400}}, opt.name: {"kld": {"mean": 0.0300}}}
+    assert _versus_base_mix(opt, [base, opt], measured) == "; KLD -25 % against Q4_K_M (smaller)"
+    assert _versus_base_mix(base, [base, opt], measured) == ""
+    assert _versus_base_mix(opt, [opt], measured) == ""
+    assert _versus_base_mix(opt, [base, opt], {opt.name: measured[opt.name]}) == ""
+    assert type_note("Q4_K_M_OPT").startswith("a measured variant of Q4_K_M")

@@ -114,3 +114,25 @@ def test_unpruned_series_and_size_axis_stay_readable(tmp_path):
     _check_readable(fig, leaders_clear=False)   # 35 points in one cluster: leaders may cross labels
     assert len(_labels(fig.axes[0])) == len(DEMO) - 2 + 12
     assert plot_report([_results()], tmp_path / "r.png", unpruned=unpruned).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_optimized_files_are_a_series_beside_llama_cpps_mixes():
+    """_OPT files (export --optimize, measured: the smollm2 table in README) are drawn in their
+    own colour and marker, with their own front, and the legend names both series."""
+    from matplotlib.colors import to_hex
+
+    rows = [r for r in DEMO if r[0] in ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F32")]
+    rows += [("Q4_K_M_OPT", 4.7620, 21.28, 0.00057, 0.980), ("Q3_K_M_OPT", 3.9287, 21.40, 0.00164, 0.962)]
+    fig = report_figure([_results(rows)])
+    kld_ax = fig.axes[0]
+    _check_readable(fig)
+    colours = {a.get_text(): a.get_color() for a in _labels(kld_ax)}
+    assert colours["Q4_K_M_OPT"] == colours["Q3_K_M_OPT"] == "black"   # fronts of their own series
+    markers = {}
+    for collection in kld_ax.collections:
+        for x, _ in collection.get_offsets():
+            markers[round(float(x), 4)] = to_hex(collection.get_facecolor()[0])
+    assert markers[4.762] == to_hex("tab:green") and markers[4.7624] == to_hex("tab:blue")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("llama.cpp mixes") for t in legend)
+    assert any(t.startswith("optimized (_OPT)") for t in legend)

@@ -10,7 +10,8 @@ the 3-8 bpw types that matter are not squeezed into a corner.
 Every point is labelled with its type, labels placed so they never overlap (see
 :mod:`shortquant.evaluate.labels`). Types on the Pareto front (nothing both smaller and better)
 are coloured and joined by a line; dominated types (something smaller is also better) are
-grey. An optional "unpruned" series (the unpruned model's results) gets its own colour, to
+grey. Optimized files (``_OPT``, from ``export --optimize``) are a series of their own beside
+llama.cpp's mixes, with their own front. An optional "unpruned" series (the unpruned model's results) gets its own colour, to
 separate what pruning cost from what quantization cost.
 
 Example::
@@ -112,11 +113,29 @@ class _Panel:
     hidden: tuple[str, ...] = ()  # types with no place on a log axis (KLD <= 0)
 
 
+# Optimized files (``export --optimize``: type names ending in _OPT) get their own series beside
+# llama.cpp's mixes, so a measured variant is seen against its standard mix at the same size.
+OPTIMIZED_STYLE = {"tab:blue": ("tab:green", "D"), "tab:orange": ("tab:red", "D")}
+
+
+def _split_optimized(name: str, files: list[dict], color: str, marker: str) -> list[tuple]:
+    """One series as two when it holds optimized files: llama.cpp's mixes, and the _OPT files."""
+    optimized = [f for f in files if str(f.get("type", "")).endswith("_OPT")]
+    if not optimized:
+        return [(name, files, color, marker)]
+    standard = [f for f in files if f not in optimized]
+    opt_color, opt_marker = OPTIMIZED_STYLE.get(color, (color, "D"))
+    label = "" if name == "files" else f"{name}, "
+    return [(f"{label}llama.cpp mixes", standard, color, marker),
+            (f"{label}optimized (_OPT)", optimized, opt_color, opt_marker)]
+
+
 def _groups(files, unpruned_files, x_of, y_of, log_y: bool) -> tuple[list[_Group], list[str]]:
     """The series of one panel, and the types left out because a log axis cannot show them (<= 0)."""
     specs = [("pruned" if unpruned_files else "files", files, "tab:blue", "o")]
     if unpruned_files:
         specs.append(("unpruned", unpruned_files, "tab:orange", "s"))
+    specs = [split for spec in specs for split in _split_optimized(*spec)]
     groups, hidden = [], []
     for name, group_files, color, marker in specs:
         points = _series(group_files, x_of, y_of)

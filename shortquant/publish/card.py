@@ -82,6 +82,20 @@ def type_note(type_name: str) -> str:
     return TYPE_NOTES.get(type_name) or f"llama.cpp type {type_name}; see the measured columns"
 
 
+def _versus_base_mix(model, models, measured: dict[str, dict]) -> str:
+    """For a measured _OPT file whose standard mix is measured too: how its KLD compares."""
+    if not model.type.endswith("_OPT"):
+        return ""
+    base = next((m for m in models if m.type == model.type[:-4]), None)
+    ours = (measured.get(model.name) or {}).get("kld")
+    theirs = (measured.get(base.name) or {}).get("kld") if base is not None else None
+    if not ours or not theirs or theirs["mean"] <= 0:
+        return ""
+    change = (max(ours["mean"], 0.0) / theirs["mean"] - 1) * 100
+    size = "smaller" if model.bytes < base.bytes else "the same size" if model.bytes == base.bytes else "larger"
+    return f"; KLD {change:+.0f} % against {base.type} ({size})"
+
+
 def _ranges(indices) -> str:
     """'0-23, 30-31' for [0..23, 30, 31]."""
     indices = sorted(indices)
@@ -400,7 +414,7 @@ def _files_section(models, measured, recommended, results) -> list[str]:
             kld = entry.get("kld")
             # a file against itself can measure a hair below zero from rounding: show 0
             row += [f"{max(kld['mean'], 0.0):.4f}", f"{100 * kld['same_top1']:.1f} %"] if kld else ["-", "-"]
-        note = type_note(model.type)
+        note = type_note(model.type) + _versus_base_mix(model, models, measured)
         if model.name in dominated:
             note += f"; here {dominated[model.name].type} is no larger and at least as close to the reference"
         if model.name == recommended:
