@@ -29,6 +29,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,13 +88,30 @@ def kld(model: Path, logits: Path, held: Path, ctx: int, chunks: int, threads: i
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``name=key:value,key:value`` -> (name, OptimizeRequest fields); a blocks-only run."""
+    """``name=key:value,key:value`` -> (name, OptimizeRequest fields); a blocks-only run.
+    ``exclude:Q4_1+Q5_1`` (not a request field) takes those types out of the optimizer's candidates."""
     name, _, rest = text.partition("=")
     fields = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition(":")
-        fields[key] = int(value) if value.isdigit() else value
+        fields[key] = int(value) if value.isdigit() else tuple(value.split("+")) if key == "exclude" else value
     return name, fields
+
+
+@contextmanager
+def candidates_without(names: tuple[str, ...]):
+    """The optimizer's candidate types less ``names`` (a type a standard mix uses stays a candidate)."""
+    from gguf import GGMLQuantizationType as T
+
+    from shortquant.quant import sensitivity
+
+    saved = sensitivity.CANDIDATES_256, sensitivity.CANDIDATES_32
+    drop = {T[n.upper()] for n in names}
+    sensitivity.CANDIDATES_256, sensitivity.CANDIDATES_32 = (tuple(t for t in c if t not in drop) for c in saved)
+    try:
+        yield
+    finally:
+        sensitivity.CANDIDATES_256, sensitivity.CANDIDATES_32 = saved
 
 
 def main(argv=None) -> int:
@@ -111,8 +129,11 @@ def main(argv=None) -> int:
                         help="one more blocks-only run, NAME=FIELD:VALUE,... of OptimizeRequest "
                              "(e.g. probe30=max_probe_blocks:30)")
     parser.add_argument("--no-free", action="store_true", help="skip the run with embedding/output free")
+    parser.add_argument("--no-blocks", action="store_true", help="skip the plain blocks-only run")
     parser.add_argument("--reuse", action="store_true", help="reuse files and KLDs already in --out-dir")
     parser.add_argument("--exports-only", action="store_true", help="write the files, measure nothing yet")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="measure the files already written (beside an --exports-only run), export nothing")
     args = parser.parse_args(argv)
 
     from shortquant.quant.optimize import OptimizeRequest
@@ -124,11 +145,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "bench_optimize_kld.json"
     state = json.loads(state_file.read_text()) if args.reuse and state_file.is_file() else {}
-    files, klds, seconds = state.get("files", {}), state.get("kld", {}), state.get("seconds", {})
+    files, seconds = state.get("files", {}), state.get("seconds", {})
+    # KLDs in a file of their own (by file, context and chunks): a --measure-only process can fill
+    # it while an --exports-only one writes the state
+    kld_file = out / "klds.json"
+    klds = json.loads(kld_file.read_text()) if args.reuse and kld_file.is_file() else {}
 
     def save():
-        state.update(files=files, kld=klds, seconds=seconds)
-        state_file.write_text(json.dumps(state, indent=2))
+        if not args.measure_only:
+            state.update(files=files, seconds=seconds)
+            state_file.write_text(json.dumps(state, indent=2))
 
     calib, held = split_text(args.text, args.split, out)
     if "f16" not in files:
@@ -150,26 +176,40 @@ def main(argv=None) -> int:
         run([tool("llama-perplexity"), "-m", f16, "-f", held, "-c", args.ctx, "--chunks", args.chunks,
              "-t", args.threads, "--kl-divergence-base", logits], FINAL)
 
+    def key(path):
+        return f"{path} ctx {args.ctx} chunks {args.chunks}"
+
     def measure(name):
-        for path in files[name] if not args.exports_only else ():
-            if path not in klds:
-                klds[path] = kld(Path(path), logits, held, args.ctx, args.chunks, args.threads)
-                save()
+        for path in files.get(name, []) if not args.exports_only else ():
+            if key(path) not in klds:
+                klds[key(path)] = kld(Path(path), logits, held, args.ctx, args.chunks, args.threads)
+                kld_file.write_text(json.dumps(klds, indent=2))
 
     measure("llama.cpp")
-    runs = ([] if args.no_free else [("optimized", {})]) + [("blocks only", {"keep": BLOCKS_ONLY})]
+    runs = [] if args.no_free else [("optimized", {})]
+    runs += [] if args.no_blocks else [("blocks only", {"keep": BLOCKS_ONLY})]
     runs += [(name, {"keep": BLOCKS_ONLY, **fields}) for name, fields in map(parse_variant, args.variant)]
     for name, fields in runs:   # each run measured as soon as it is written
-        if name not in files:
+        record = out / name.replace(" ", "-").replace(",", "") / "run.json"   # one per run: runs may go in parallel
+        if args.reuse and record.is_file():
+            done = json.loads(record.read_text())
+            files[name], seconds[name] = done["files"], done["seconds"]
+            state.setdefault("notes", {})[name] = done["notes"]
+        if name not in files and not args.measure_only:
+            fields = dict(fields)
+            exclude = fields.pop("exclude", ())
             request = OptimizeRequest(calib=calib, optimize=True, **fields)
-            folder = out / name.replace(" ", "-")
-            report, seconds[name] = export(args.model, folder, quants, imatrix, request, threads=args.threads)
+            with candidates_without(exclude):
+                report, seconds[name] = export(args.model, record.parent, quants, imatrix, request,
+                                               threads=args.threads)
             files[name] = [str(f.path) for f in report.files]
             state.setdefault("notes", {})[name] = [n for o in report.optimized for n in o.notes]
+            record.write_text(json.dumps({"files": files[name], "seconds": seconds[name],
+                                          "notes": state["notes"][name], "fields": repr(fields)}, indent=2))
             save()
         measure(name)
     names = ["llama.cpp"] + [name for name, _ in runs]
-    if args.exports_only:
+    if args.exports_only or args.measure_only:
         return 0
 
     plan = make_model_plan(open_checkpoint(args.model), ExportOptions())
@@ -184,7 +224,7 @@ def main(argv=None) -> int:
         base = None
         for name in names:
             path = Path(files[name][i])
-            k = klds[str(path)]
+            k = klds[key(path)]
             size = path.stat().st_size
             base = k["mean"] if base is None else base
             delta = "" if name == "llama.cpp" else f"{(k['mean'] / base - 1) * 100:+.1f}%"
