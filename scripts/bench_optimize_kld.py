@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--split", type=int, default=150_000, help="calibration = characters before this")
     parser.add_argument("--quant", "-q", action="append", default=None, help="mixes [q4_k_m, q3_k_m]")
     parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity and llama-imatrix context")
-    parser.add_argument("--chunks", type=int, default=16, help="held-out chunks llama-perplexity measures")
+    parser.add_argument("--chunks", type=int, default=8, help="held-out chunks llama-perplexity measures")
     parser.add_argument("--imatrix-chunks", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[],
