@@ -62,8 +62,11 @@ def tool(name: str) -> Path:
 
 
 def run(cmd: list[str], wanted) -> str:
-    proc = subprocess.run(["nice", *map(str, cmd)], capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
+    for _attempt in range(3):   # llama.cpp logs from a thread: now and then its last lines are lost at exit
+        proc = subprocess.run(["nice", *map(str, cmd)], capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        if proc.returncode != 0 or wanted.search(output):
+            break
     if proc.returncode != 0 or not wanted.search(output):
         raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}): {output.strip().splitlines()[-3:]}")
     return output
@@ -124,7 +127,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity and llama-imatrix context")
     parser.add_argument("--chunks", type=int, default=8, help="held-out chunks llama-perplexity measures")
     parser.add_argument("--imatrix-chunks", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="export threads")
+    parser.add_argument("--tool-threads", type=int, default=1,
+                        help="llama-imatrix / llama-perplexity threads (1: on a shared machine two threads "
+                             "wait on each other at every barrier)")
     parser.add_argument("--variant", action="append", default=[],
                         help="one more blocks-only run, NAME=FIELD:VALUE,... of OptimizeRequest "
                              "(e.g. probe30=max_probe_blocks:30)")
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
     imatrix = out / "model.imatrix.gguf"
     if not imatrix.is_file() or not args.reuse:
         tick = time.perf_counter()
-        llama_imatrix(f16, calib, imatrix, args.ctx, args.imatrix_chunks, args.threads)
+        llama_imatrix(f16, calib, imatrix, args.ctx, args.imatrix_chunks, args.tool_threads)
         seconds["imatrix"] = time.perf_counter() - tick
     if "llama.cpp" not in files:
         report, seconds["llama.cpp"] = export(args.model, out / "standard", quants, imatrix, threads=args.threads)
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
     logits = out / "f16.logits.bin"
     if not args.exports_only and (not logits.is_file() or not args.reuse):
         run([tool("llama-perplexity"), "-m", f16, "-f", held, "-c", args.ctx, "--chunks", args.chunks,
-             "-t", args.threads, "--kl-divergence-base", logits], FINAL)
+             "-t", args.tool_threads, "--kl-divergence-base", logits], FINAL)
 
     def key(path):
         return f"{path} ctx {args.ctx} chunks {args.chunks}"
@@ -182,7 +188,7 @@ def main(argv=None) -> int:
     def measure(name):
         for path in files.get(name, []) if not args.exports_only else ():
             if key(path) not in klds:
-                klds[key(path)] = kld(Path(path), logits, held, args.ctx, args.chunks, args.threads)
+                klds[key(path)] = kld(Path(path), logits, held, args.ctx, args.chunks, args.tool_threads)
                 kld_file.write_text(json.dumps(klds, indent=2))
 
     measure("llama.cpp")
