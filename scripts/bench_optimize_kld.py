@@ -136,6 +136,7 @@ def main(argv=None) -> int:
                              "(e.g. probe30=max_probe_blocks:30)")
     parser.add_argument("--no-free", action="store_true", help="skip the run with embedding/output free")
     parser.add_argument("--no-blocks", action="store_true", help="skip the plain blocks-only run")
+    parser.add_argument("--only", action="append", default=[], help="measure only these runs (repeatable)")
     parser.add_argument("--reuse", action="store_true", help="reuse files and KLDs already in --out-dir")
     parser.add_argument("--exports-only", action="store_true", help="write the files, measure nothing yet")
     parser.add_argument("--measure-only", action="store_true",
@@ -186,9 +187,13 @@ def main(argv=None) -> int:
         return f"{path} ctx {args.ctx} chunks {args.chunks}"
 
     def measure(name):
+        if args.only and name not in args.only:
+            return
         for path in files.get(name, []) if not args.exports_only else ():
             if key(path) not in klds:
                 klds[key(path)] = kld(Path(path), logits, held, args.ctx, args.chunks, args.tool_threads)
+                if kld_file.is_file():   # another --measure-only process may have added its own
+                    klds.update({**json.loads(kld_file.read_text()), key(path): klds[key(path)]})
                 kld_file.write_text(json.dumps(klds, indent=2))
 
     measure("llama.cpp")
