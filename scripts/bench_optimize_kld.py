@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -73,8 +74,6 @@ def run(cmd: list[str], wanted) -> str:
 
 
 def llama_imatrix(f16: Path, calib: Path, out: Path, ctx: int, chunks: int, threads: int) -> Path:
-    import re
-
     run([tool("llama-imatrix"), "-m", f16, "-f", calib, "-o", out, "-c", ctx, "--chunks", chunks, "-t", threads],
         re.compile(r"save|stored|imatrix", re.I))
     if not out.is_file():
@@ -82,12 +81,34 @@ def llama_imatrix(f16: Path, calib: Path, out: Path, ctx: int, chunks: int, thre
     return out
 
 
-def kld(model: Path, logits: Path, held: Path, ctx: int, chunks: int, threads: int) -> dict:
-    common = ["-f", held, "-c", ctx, "--chunks", chunks, "-t", threads, "--kl-divergence-base", logits]
-    output = run([tool("llama-perplexity"), "-m", model, *common, "--kl-divergence"], SAME_TOP)
-    mean = KLD_MEAN.search(output)
-    return {"mean": float(mean.group(1)), "err": float(mean.group(2)),
-            "same_top1": float(SAME_TOP.search(output).group(1)) / 100}
+# llama-perplexity --kl-divergence prints one line per chunk with the running means; its closing
+# summary is often lost at exit on a busy machine (it logs from a thread), the last chunk's line is
+# the same mean over every chunk
+CHUNKS = re.compile(r"computing over (\d+) chunks")
+CHUNK_LINE = re.compile(r"^\s*(\d+)\s+[\d.]+ ± +[\d.]+\s+-?[\d.]+ ± +[\d.]+\s+(-?[\d.]+) ± +([\d.]+)"
+                        r"\s+[\d.]+ ± +[\d.]+ %\s+([\d.]+) ± +[\d.]+ %", re.M)
+
+
+class _LastChunk:
+    """Matches output that holds the closing summary or the last chunk's line."""
+
+    def search(self, output: str):
+        total = CHUNKS.search(output)
+        last = [m for m in CHUNK_LINE.finditer(output) if total and int(m.group(1)) == int(total.group(1))]
+        return (KLD_MEAN.search(output) and SAME_TOP.search(output)) or (last[-1] if last else None)
+
+
+def kld(model: Path, logits: Path, held: Path, ctx: int, threads: int) -> dict:
+    """Mean KLD of ``model`` against the base logits, over every chunk the logits file holds
+    (llama-perplexity takes their count from the file, not from --chunks)."""
+    common = ["-f", held, "-c", ctx, "-t", threads, "--kl-divergence-base", logits]
+    output = run([tool("llama-perplexity"), "-m", model, *common, "--kl-divergence"], _LastChunk())
+    mean, same = KLD_MEAN.search(output), SAME_TOP.search(output)
+    if mean and same:
+        return {"mean": float(mean.group(1)), "err": float(mean.group(2)),
+                "same_top1": float(same.group(1)) / 100}
+    last = _LastChunk().search(output)
+    return {"mean": float(last.group(2)), "err": float(last.group(3)), "same_top1": float(last.group(4)) / 100}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -191,7 +212,7 @@ def main(argv=None) -> int:
             return
         for path in files.get(name, []) if not args.exports_only else ():
             if key(path) not in klds:
-                klds[key(path)] = kld(Path(path), logits, held, args.ctx, args.chunks, args.tool_threads)
+                klds[key(path)] = kld(Path(path), logits, held, args.ctx, args.tool_threads)
                 if kld_file.is_file():   # another --measure-only process may have added its own
                     klds.update({**json.loads(kld_file.read_text()), key(path): klds[key(path)]})
                 kld_file.write_text(json.dumps(klds, indent=2))
