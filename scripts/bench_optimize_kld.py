@@ -64,7 +64,7 @@ def tool(name: str) -> Path:
 
 def run(cmd: list[str], wanted) -> str:
     for _attempt in range(3):   # llama.cpp logs from a thread: now and then its last lines are lost at exit
-        proc = subprocess.run(["nice", *map(str, cmd)], capture_output=True, text=True)
+        proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)   # nice: the whole script
         output = proc.stdout + proc.stderr
         if proc.returncode != 0 or wanted.search(output):
             break
