@@ -131,7 +131,9 @@ def test_cost_policy_keeps_small_models_and_cuts_big_deep_ones():
     small = choose(30, 6, 256, 16, None, None, params=1.35e8, streamed=False)
     assert (small.chunks, small.held, small.pool, small.reduced) == (16, 4, None, False)
     eight = choose(8, 2, 256, 16, None, None, params=2.2e9, streamed=True)   # 8 LLaMA-7B blocks
-    assert eight.reduced and eight.ratio <= TARGET_RATIO and eight.pool == greedy_pool_size(8, 2) == 4
+    # cut to the floor (one chunk searched, one held apart): predicted 3.2x with the exchange round
+    assert eight.reduced and (eight.chunks, eight.held) == (2, 1) and eight.pool == greedy_pool_size(8, 2) == 4
+    assert eight.ratio < choose(8, 2, 256, 3, None, 4, params=2.2e9, streamed=True, chunks_given=True).ratio
     deep = choose(32, 8, 256, 16, None, None, params=6.7e9, streamed=True)   # LLaMA-7B: the floor
     assert (deep.chunks, deep.held, deep.pool) == (2, 1, 12) and deep.ratio > TARGET_RATIO
     given = choose(32, 8, 256, 16, None, 32, params=6.7e9, streamed=True, chunks_given=True, pool_given=True)

@@ -95,7 +95,7 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     from .frontier import finish, prepare
     from .runner import BlockRunner, stream_blocks
     from .save_hf import check_target
-    from .search import check_count, measure
+    from .search import check_count, default_pool, measure
 
     silent = quiet or as_json
     path, options = _options_from(**source, quants=tuple(quants), out_dir=out_dir, threads=threads, quiet=silent)
@@ -129,11 +129,12 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     held = held_apart or max(1, len(pieces) // 4)
     with tqdm(total=n, desc="reference pass", unit="block", disable=silent, leave=False) as bar:
         runner = BlockRunner(load_torch_model(path, stream_blocks=streamed), pieces, held, bar)
-    scores, choices = measure(runner, count, criterion, silent, settings.pool)
+    pool = settings.pool if settings.pool is not None else default_pool(n, count)
+    scores, choices = measure(runner, count, criterion, silent, pool)
     if settings.reduced and not silent:
-        click.echo(f"{n} blocks: calibration cut to {len(pieces)} chunks, greedy pool {settings.pool or n} "
+        click.echo(f"{n} blocks: calibration cut to {len(pieces)} chunks, greedy pool {pool} "
                    f"(predicted cost ~{settings.ratio:.1f} plain exports; --chunks / --pool override)", err=True)
-    cost = {"streamed": streamed, "pool": settings.pool, "reduced_for_cost": settings.reduced,
+    cost = {"streamed": streamed, "pool": pool if criterion == "greedy" else None, "reduced_for_cost": settings.reduced,
             "predicted_ratio_to_export": round(settings.ratio, 2), "sweeps": runner.costs}
     chosen = choices[criterion] if criterion != "greedy" else choices["chosen"]
     removed = tuple(block_map.stored[b] for b in chosen.removed)

@@ -11,6 +11,9 @@ one-shot PPL   n (n - 1) / 2 T_s        (set {b} reruns blocks b+1 .. n-1)
 greedy         per step after the first (the first's sets are one-shot PPL's, not rerun),
                each candidate reruns from its first removed block: ~n/2 blocks for a block
                anywhere, plus the shared prefix (n); and per step the chosen set on T_h
+exchanges      one sweep of k (pool - k) sets (~n/2 blocks each) and a held-apart check: the
+               round that finds no better set; each exchange taken adds another (at most
+               SWAP_ROUNDS), so a search that keeps improving costs up to SWAP_ROUNDS times this
 final pick     the 3 one-shot sets on T_h (~n/2 each)
 =============  ===========================================================================
 
@@ -24,6 +27,8 @@ the greedy pool; small models (whose whole run takes minutes) keep the full defa
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .search import default_pool
 
 # One block's q4_k_m export costs as much CPU time as this many block-token runs (float32 torch);
 # a streamed block's read costs about LOAD_RUNS per sweep. Measured at LLaMA-7B width, 2 threads:
@@ -40,7 +45,7 @@ HELD_SHARE = 4       # a quarter of the chunks held apart by default
 class Settings:
     chunks: int            # calibration chunks in all
     held: int              # of which held apart
-    pool: int | None       # greedy's pool (None: every block)
+    pool: int | None       # greedy's pool (None: search.default_pool)
     ratio: float           # predicted prune time / plain export time
     reduced: bool          # the budget shrank the defaults
 
@@ -56,15 +61,17 @@ def block_runs(n: int, k: int, t_search: int, t_held: int, pool: int | None, gre
     runs = {"reference": n * (t_search + t_held), "taylor": TAYLOR_RUNS * n * t_search,
             "ppl": n * (n - 1) / 2 * t_search, "greedy": 0.0, "final": 3 * n / 2 * t_held}
     if greedy:
-        p = n if pool is None else min(pool, n)
+        p = default_pool(n, k) if pool is None else min(pool, n)
         runs["greedy"] = sum(((p - i) * n / 2 + n) * t_search for i in range(1, k)) + k * n / 2 * t_held
+        runs["exchanges"] = k * (p - k) * n / 2 * t_search + n / 2 * t_held
     return runs
 
 
 def sweeps(k: int, greedy: bool = True) -> int:
     """Block sweeps (each reads every streamed block once): reference, one-shot, taylor, the final
-    pick's one-shot sets, and per greedy step its candidates (but the first) and its held check."""
-    return 3 + 3 + (2 * k - 1 if greedy else 0)
+    pick's one-shot sets, per greedy step its candidates (but the first) and its held check, and
+    the same two for the exchange round that ends the search."""
+    return 3 + 3 + (2 * k + 1 if greedy else 0)
 
 
 def predicted_ratio(n: int, k: int, t_search: int, t_held: int, pool: int | None, streamed: bool,
