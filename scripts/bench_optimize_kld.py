@@ -63,9 +63,14 @@ def tool(name: str) -> Path:
 
 
 def run(cmd: list[str], wanted) -> str:
+    import tempfile
+
     for _attempt in range(3):   # llama.cpp logs from a thread: now and then its last lines are lost at exit
-        proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)   # nice: the whole script
-        output = proc.stdout + proc.stderr
+        # into a file, not a pipe: through a pipe whole runs' output was lost on a busy machine
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.run(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, text=True)
+            log.seek(0)
+            output = log.read()
         if proc.returncode != 0 or wanted.search(output):
             break
     if proc.returncode != 0 or not wanted.search(output):
