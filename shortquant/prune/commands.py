@@ -107,8 +107,8 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
     block_map = make_model_plan(checkpoint, options).block_map
     text = read_text(calib)
     calib_id = f"{calib.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-    frontier = prepare(path, options, block_map, calib, count, criterion, calib_id, budget, heldout, eval_ctx,
-                       eval_chunks)
+    frontier = prepare(path, checkpoint, options, block_map, calib, count, criterion, calib_id, budget, heldout,
+                       eval_ctx, eval_chunks)
     count = frontier.count if frontier else count
     if count is None:
         raise QuantError("--remove K: say how many blocks to remove (or --budget SIZE for the frontier)")
@@ -151,8 +151,8 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, quants
                            as_json=as_json, quiet=quiet, saved=saved)
     report["cost"] = cost
     if frontier:   # -q then names the types the frontier tries
-        report["frontier"] = finish(frontier, path, options, block_map, criterion, scores, choices, calib_id,
-                                    silent, table=not as_json)
+        report["frontier"] = finish(frontier, path, checkpoint, options, block_map, criterion, scores, choices,
+                                    calib_id, silent, table=not as_json)
     elif quants:
         from ..export_cli import _export_printer
         from ..job import run_job

@@ -117,7 +117,7 @@ def planned_sizes(checkpoint, options) -> dict[str, int]:
     return {f.quant: GGUFFileWriter(plan, f, extra).planned_size() for f in files}
 
 
-def prepare(path: Path, options, block_map, calib: Path, count: int | None, criterion: str, calib_id: str,
+def prepare(path: Path, checkpoint, options, block_map, calib: Path, count: int | None, criterion: str, calib_id: str,
             budget: str | None, heldout: Path | None, eval_ctx: int, eval_chunks: int | None) -> Setup | None:
     """Check the frontier's inputs before any measuring (None: no --budget, no frontier).
 
@@ -128,7 +128,6 @@ def prepare(path: Path, options, block_map, calib: Path, count: int | None, crit
     import numpy as np
 
     from ..evaluate.perplexity import read_text, split_chunks
-    from ..source.checkpoint import open_checkpoint
     from ..tokenizer.encode import encode_text
     from .search import check_count
 
@@ -148,7 +147,6 @@ def prepare(path: Path, options, block_map, calib: Path, count: int | None, crit
     check_count(count, block_map.block_count)
     setup = Setup(size, budget, heldout, count, tuple(options.quants) or LADDER, eval_ctx, eval_chunks)
     # the smallest file possible: the smallest type with the K largest blocks removed
-    checkpoint = open_checkpoint(path)
     largest = _largest_blocks(checkpoint, options, block_map, count)
     sizes = planned_sizes(checkpoint, _options(options, setup, count, largest, method(count, criterion, calib_id)))
     smallest = min(sizes, key=lambda q: sizes[q])
@@ -195,11 +193,11 @@ def method(k: int, criterion: str, calib_id: str) -> str:
     return f"shortquant prune --budget: {how} {k} blocks to remove; calibration {calib_id}"
 
 
-def finish(setup: Setup, path: Path, options, block_map, criterion: str, scores: dict, choices: dict,
+def finish(setup: Setup, path: Path, checkpoint, options, block_map, criterion: str, scores: dict, choices: dict,
            calib_id: str, silent: bool, table: bool) -> dict:
     """Plan every candidate, write the chosen files (and the unpruned F16), measure them on the
     held-out text, plot them; print the table when ``table`` and return it as JSON-ready data."""
-    rows, results, reference = run_frontier(setup, path, options, block_map,
+    rows, results, reference = run_frontier(setup, path, checkpoint, options, block_map,
                                             removal_sets(criterion, scores, choices, setup.count),
                                             criterion, calib_id, silent)
     out = Path(options.out_dir)
@@ -213,17 +211,15 @@ def finish(setup: Setup, path: Path, options, block_map, criterion: str, scores:
     return as_dict(rows, results, setup, reference, out / "frontier-results.json", plot_path)
 
 
-def run_frontier(setup: Setup, path: Path, options, block_map, sets: Sequence[tuple[int, ...]], criterion: str,
-                 calib_id: str, silent: bool) -> tuple[list[Row], dict, dict]:
+def run_frontier(setup: Setup, path: Path, checkpoint, options, block_map, sets: Sequence[tuple[int, ...]],
+                 criterion: str, calib_id: str, silent: bool) -> tuple[list[Row], dict, dict]:
     """The rows (every candidate's planned sizes and chosen type, its file and measurements), the
     evaluation's results (results.json's dict) and the unpruned F16's entry in them."""
     from tqdm import tqdm
 
     from ..evaluate.runner import evaluate_files
     from ..job import run_job
-    from ..source.checkpoint import open_checkpoint
 
-    checkpoint = open_checkpoint(path)
     rows, row_options = [], []
     for k, chosen in enumerate(tqdm(sets, desc="planning sizes", unit="candidate", disable=silent, leave=False)):
         removed = tuple(sorted(block_map.stored[b] for b in chosen))
