@@ -102,7 +102,7 @@ def make_files(args, quants, recipe) -> dict:
     std_report, std_seconds = export(args.model, out / "standard", quants, imatrix, threads=args.threads,
                                      recipe=recipe)
     request = OptimizeRequest(calib=args.calib, optimize=True, ctx=args.calib_ctx, probe_chunks=args.probe_chunks,
-                              verify_chunks=args.verify_chunks, probe_dtype=args.probe_dtype)
+                              verify_chunks=args.verify_chunks, probe_from=args.probe_from)
     opt_report, opt_seconds = export(args.model, out / "optimized", quants, imatrix, request, threads=args.threads,
                                      recipe=recipe)
     return {"base": str(base_report.files[0].path) if base_report else None,
@@ -114,7 +114,7 @@ def make_files(args, quants, recipe) -> dict:
             "stages": opt_report.optimized[0].seconds if opt_report.optimized else {},
             # the process's peak RSS at each stage's end (this process also ran the imatrix and the plain export)
             "peak_rss_mb": opt_report.optimized[0].as_dict()["peak_rss_mb"] if opt_report.optimized else {},
-            "probe_dtype": opt_report.optimized[0].probe_dtype if opt_report.optimized else None}
+            "probe_from": opt_report.optimized[0].probe_from if opt_report.optimized else None}
 
 
 def main(argv=None) -> int:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-chunks", type=int, default=None, help="[2 up to 0.5 B parameters, else 1]")
     parser.add_argument("--verify-chunks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--probe-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--probe-from", default="auto", choices=["auto", "memory", "disk"])
     parser.add_argument("--imatrix-chunks", type=int, default=64, help="calibration chunks for the imatrix")
     parser.add_argument("--cost-only", action="store_true",
                         help="time the plain and the optimized export only (no F32 base, no evaluation)")
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         print(f"cost: plain export of {', '.join(quants)} {std_seconds:.1f} s; with --optimize {opt_seconds:.1f} s "
               f"({opt_seconds / std_seconds:.2f}x); same imatrix, {args.threads or 'default'} threads")
         print("optimizer stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in made.get("stages", {}).items()))
-        print(f"peak RSS at each stage's end ({made.get('probe_dtype')} probe): "
+        print(f"peak RSS at each stage's end (probe from {made.get('probe_from')}): "
               + ", ".join(f"{k} {v} MB" for k, v in made.get("peak_rss_mb", {}).items()))
         for note in made["notes"]:
             print("note:", note)

@@ -127,10 +127,11 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
                    "a comma list, e.g. 2.5,3,4,5, writes a ladder from one measurement.")
 @click.option("--target-size", metavar="SIZE",
               help="Also write an optimized file of at most SIZE bytes, e.g. 3.2G (needs --calib).")
-@click.option("--probe-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+@click.option("--probe-from", type=click.Choice(["auto", "memory", "disk"]), default="auto",
               show_default=True,
-              help="dtype of the model --optimize probes: auto is bfloat16 for a 16-bit checkpoint of 0.5B+ "
-                   "parameters (half float32's memory), else float32.")
+              help="Where --optimize keeps the model it probes: memory (the float32 model, fastest on small "
+                   "models) or disk (blocks read from the checkpoint one at a time: a 7B in a few GB); auto is "
+                   "disk from 0.5B parameters. Both give the same numbers.")
 @click.option("--optimize-keep", metavar="KIND[,KIND...]",
               help="Tensor kinds --optimize leaves at the standard mix's type (token_embd, output, attn_q, "
                    "attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down; a tied embedding is the output "
@@ -164,7 +165,7 @@ def inspect(source, recipe, source_blocks, chat_template, name, quants, as_json)
 def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, imatrix, output_type,
            embedding_type, tensor_types, pure, threads, allow_nonfinite, evaluate, text_path, ctx, base,
            split_max_size, make_card, force, quiet, as_json, base_model=None, license_id=None, optimize=False,
-           target_bpw=None, target_size=None, calib=None, probe_dtype="auto", optimize_keep=None):
+           target_bpw=None, target_size=None, calib=None, probe_from="auto", optimize_keep=None):
     """Convert SOURCE into GGUF files, one per --quant.
 
     SOURCE is a Hugging Face checkpoint folder (safetensors or .bin, sharded or not);
@@ -196,7 +197,7 @@ def export(source, recipe, source_blocks, chat_template, name, quants, out_dir, 
                                   tensor_types=tuple(tensor_types), pure=pure, optimize=optimize,
                                   target_bpw=target_bpw, target_size=target_size, calib=calib, threads=threads,
                                   allow_nonfinite=allow_nonfinite, base_model=base_model, license=license_id,
-                                  force=force, probe_dtype=probe_dtype, optimize_keep=optimize_keep)
+                                  force=force, probe_from=probe_from, optimize_keep=optimize_keep)
     steps = JobSteps(split_max_size=split_max_size, evaluate=evaluate, text=text_path, ctx=ctx, base=base,
                      card=make_card)
     result = run_job(path, options, steps, on_step=_export_printer(path, as_json, quiet))

@@ -58,7 +58,7 @@ EXPORT_SETTINGS: dict[str, object] = {
     "name": None, "pre": None,
     "pad_ffn": None, "imatrix": None, "output_type": None, "embedding_type": None, "tensor_types": (),
     "pure": False, "optimize": False, "target_bpw": None, "target_size": None, "calib": None, "threads": None,
-    "allow_nonfinite": False, "base_model": None, "license": None, "force": False, "probe_dtype": "auto",
+    "allow_nonfinite": False, "base_model": None, "license": None, "force": False, "probe_from": "auto",
     "optimize_keep": None,
 }
 
@@ -82,7 +82,7 @@ def options_from(source: str | None, out_dir: Path, *, quiet: bool = False,
     s = {**EXPORT_SETTINGS, **settings}
     overrides = QuantOverrides.parse(output_type=s["output_type"], embedding_type=s["embedding_type"],
                                      pure=s["pure"], tensor_types=list(s["tensor_types"] or ()))
-    request = optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"],
+    request = optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_from"],
                                s["optimize_keep"])
     path, implied = resolve_source(source)
     if implied and not s["recipe"] and source is not None and note is not None:
@@ -121,8 +121,8 @@ def default_quants(quants, target_bpw=None, target_size=None) -> tuple[str, ...]
     return () if target_bpw is not None or target_size is not None else ("f16",)
 
 
-def optimize_request(optimize: bool, target_bpw, target_size, calib, probe_dtype: str = "auto", keep=None):
-    """--optimize / --target-bpw / --target-size / --calib / --probe-dtype / --optimize-keep as an
+def optimize_request(optimize: bool, target_bpw, target_size, calib, probe_from: str = "auto", keep=None):
+    """--optimize / --target-bpw / --target-size / --calib / --probe-from / --optimize-keep as an
     OptimizeRequest (or None)."""
     from .quant.optimize import OptimizeRequest, parse_keep, parse_target_bpw
     from .sizes import parse_size
@@ -138,7 +138,7 @@ def optimize_request(optimize: bool, target_bpw, target_size, calib, probe_dtype
     size = parse_size(target_size, QuantError, "--target-size") if target_size is not None else None
     bpw = parse_target_bpw(target_bpw) if target_bpw is not None else None
     return OptimizeRequest(calib=Path(calib), optimize=optimize, target_bpw=bpw, target_size=size,
-                           probe_dtype=probe_dtype, keep=parse_keep(keep) if keep is not None else ())
+                           probe_from=probe_from, keep=parse_keep(keep) if keep is not None else ())
 
 
 @dataclass

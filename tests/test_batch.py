@@ -438,7 +438,7 @@ def test_jobs_file_takes_every_export_option(tmp_path, demo, small_tokenizer):
         "b": (demo, {"quants": ["q4_0"], "pure": True, "remove_blocks": "2"}),
         "c": (bpe, {"quants": ["f32"], "pre": "qwen2"}),
         "d": (tiny, {"quants": ["q4_k_m"], "optimize": True, "target_bpw": 5.5, "target_size": "1.1M",
-                     "calib": str(calib), "threads": 1, "probe_dtype": "float32", "optimize_keep": "output"}),
+                     "calib": str(calib), "threads": 1, "probe_from": "memory", "optimize_keep": "output"}),
     }
     assert set(EXPORT_SETTINGS) == {key for _, settings in entries.values() for key in settings}
     jobs = tmp_path / "jobs.yaml"

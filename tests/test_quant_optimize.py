@@ -133,16 +133,16 @@ def test_optimize_q4_k_m(tiny, texts, tmp_path, monkeypatch):
 def test_fallback_when_the_optimized_mix_measures_worse(tiny, texts, tmp_path, monkeypatch):
     from shortquant.quant import optimize
 
-    real = optimize.MixVerifier.measure
+    real = optimize.MixVerifier.measure_many
     standard_types = {}
 
-    def worse_unless_standard(self, types, which):
-        kld = real(self, types, which)
+    def worse_unless_standard(self, mixes, which, progress=None):
+        klds = real(self, mixes, which, progress)
         if not standard_types:
             standard_types.update(optimize.plan_file(self.plan, "q4_k_m", tmp_path).tensor_types)
-        return kld if types == standard_types else kld + 1.0
+        return [kld if types == standard_types else kld + 1.0 for types, kld in zip(mixes, klds)]
 
-    monkeypatch.setattr(optimize.MixVerifier, "measure", worse_unless_standard)
+    monkeypatch.setattr(optimize.MixVerifier, "measure_many", worse_unless_standard)
     calib, _ = texts
     report = library_export(tiny, tmp_path / "out", ["q4_k_m"], calib, optimize=True)
     (outcome,) = report.optimized
@@ -221,47 +221,70 @@ def test_probe_swaps_back_exactly(tiny, texts, tmp_path, layout):
     assert prober.kld() == 0.0
 
 
-def _probe_both_ways(prober, source: str, value: np.ndarray, block: int | None) -> tuple[float, float]:
-    """KLD of one swapped weight, rerunning from its block and running everything."""
-    prober.set_weight(source, value)
-    try:
-        return prober.kld(from_block=block), prober.kld()
-    finally:
-        prober.restore()
+def _forward_kld(model_dir, chunks, source: str | None, value: np.ndarray | None) -> float:
+    """KL(model || model with ``source`` set to ``value``) per token, from transformers' own
+    forward passes of freshly loaded models (no kept inputs, no sweeps)."""
+    import torch
+
+    from shortquant.families.hf_model import load_torch_model
+
+    base, changed = load_torch_model(model_dir), load_torch_model(model_dir)
+    with torch.no_grad():
+        changed.get_parameter(source).copy_(torch.from_numpy(value))
+        total, count = 0.0, 0
+        for chunk in chunks:
+            ids = torch.tensor([list(chunk)])
+            ref = torch.log_softmax(base(input_ids=ids).logits[0].float(), -1)
+            got = torch.log_softmax(changed(input_ids=ids).logits[0].float(), -1)
+            total += float((ref.exp() * (ref - got)).sum(dtype=torch.float64))
+            count += ref.shape[0]
+    return total / count
 
 
-def test_probe_reruns_only_the_blocks_after_the_change(tiny, texts):
-    """A probe that starts at the changed block measures what a whole forward pass measures."""
+def test_probes_measure_what_a_forward_pass_measures(tiny, texts):
+    """One sweep of several variants (a changed block, a later block, the output head, the
+    embedding) gives each the KLD transformers' forward pass gives, resident and streamed
+    from disk alike; a variant that changes nothing measures 0."""
     from shortquant.quant.imatrix import chunk_tokens
     from shortquant.quant.probe import Prober
-    from shortquant.tokenizer.encode import encode_text
 
-    tokens, bos = encode_text(tiny, texts[0].read_text())
+    tokens, bos = encode_text_of(tiny, texts[0])
     chunks = chunk_tokens(tokens, ctx=64, chunks=3, bos_id=bos)
-    prober = Prober(tiny, chunks, probe_chunks=2)
-    assert prober.replay and len(prober.block_inputs[0]) == 2
+    resident = Prober(tiny, chunks, probe_chunks=2)
+    streamed = Prober(tiny, chunks, probe_chunks=2, stream=True)
+    assert streamed.streamed and not resident.streamed
+    assert {p.device.type for n, p in streamed.model.named_parameters() if ".layers." in n} == {"meta"}
     rng = np.random.default_rng(0)
-    for block, source in [(0, "model.layers.0.self_attn.v_proj.weight"), (2, "model.layers.2.mlp.down_proj.weight"),
-                          (3, "lm_head.weight")]:
-        w = prober.params[source].detach().numpy()
+    variants, expected = [], []
+    for source in ["model.layers.0.self_attn.v_proj.weight", "model.layers.2.mlp.down_proj.weight", "lm_head.weight",
+                   "model.embed_tokens.weight"]:
+        w = resident.params[source].detach().numpy()
         noisy = w + rng.standard_normal(w.shape).astype(np.float32) * np.abs(w).mean()
-        fast, whole = _probe_both_ways(prober, source, noisy, block)
-        assert fast > 1e-4
-        assert fast == pytest.approx(whole, rel=1e-4)
-    assert prober.kld(from_block=1) == prober.kld() == 0.0
+        variants.append({source: noisy})
+        expected.append(_forward_kld(tiny, chunks[:2], source, noisy))
+    variants.append({})
+    for prober in (resident, streamed):
+        got = prober.kld_many(variants, prober.probe_chunks)
+        assert got[-1] == 0.0
+        for kld, want in zip(got, expected):
+            assert kld > 1e-4 and kld == pytest.approx(want, rel=1e-4)
+    for a, b in zip(resident.reference, streamed.reference):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    for name, sq in resident.col_sq.items():
+        np.testing.assert_allclose(sq, streamed.col_sq[name], rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["llm-pruner", "flap", "llm-drop", "decilm"])
 def test_probe_loads_width_pruned_and_deci_models(tmp_path, layout):
     """The prober builds width-pruned, sub-block-dropped and DeciLM checkpoints block by block
-    (transformers' from_pretrained cannot), and its outputs are the checkpoint's."""
+    (transformers' from_pretrained cannot), its outputs are the checkpoint's, and a probe of the
+    last block measures what the forward pass does, streamed too."""
     import pruned
     from shortquant.quant.probe import Prober
 
     model, src = pruned.LAYOUTS[layout](tmp_path / "src")
     chunks = [[1, 17, 250, 3, 99, 311, 7, 128, 300, 45, 6, 2, 77, 200, 31, 260]] * 2
     prober = Prober(src, chunks, probe_chunks=2)
-    assert prober.replay
     import torch
 
     with torch.inference_mode():
@@ -270,8 +293,10 @@ def test_probe_loads_width_pruned_and_deci_models(tmp_path, layout):
     last = prober.n_blocks - 1
     name = next(n for n in prober.params if n.startswith(f"model.layers.{last}.") and n.endswith("proj.weight"))
     w = prober.params[name].detach().numpy()
-    fast, whole = _probe_both_ways(prober, name, w * 1.5, last)
-    assert fast > 0 and fast == pytest.approx(whole, rel=1e-4)
+    want = _forward_kld(src, chunks, name, w * 1.5)
+    for p in (prober, Prober(src, chunks, probe_chunks=2, stream=True)):
+        (kld,) = p.kld_many([{name: w * 1.5}])
+        assert kld > 0 and kld == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["llm-pruner", "decilm"])
@@ -449,44 +474,10 @@ def test_optimize_keep_names_and_a_tied_embedding(tiny, texts, tmp_path):
     assert lone.exit_code == 2 and "only used with --optimize" in lone.stderr
 
 
-# -- the bfloat16 probe path -----------------------------------------------------------------------
-def test_bf16_probe_agrees_with_float32(tiny, texts):
-    """The bfloat16 model's reference log-probs are the float32 model's within bfloat16's
-    rounding, and a probe measures the same KLD to within a few per cent."""
-    import torch
-
-    from shortquant.quant.imatrix import chunk_tokens
-    from shortquant.quant.probe import Prober, probe_dtype
-    from shortquant.quant.sensitivity import roundtrip
-    from gguf import GGMLQuantizationType as T
-
-    tokens, bos = encode_text_of(tiny, texts[0])
-    chunks = chunk_tokens(tokens, ctx=64, chunks=2, bos_id=bos)
-    full, half = Prober(tiny, chunks), Prober(tiny, chunks, dtype="bfloat16")
-    # held in bfloat16 after the reference pass: each block is widened only while it runs
-    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
-    assert half.replay   # rerunning blocks from their kept inputs still matches
-    for a, b in zip(full.reference, half.reference):
-        diff = (a - b).abs()
-        # weights rounded to bfloat16 (8 bits of mantissa): log-probs of a few nats move by a few hundredths
-        assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.2
-        # and the probability mass moves by little: KL(float32 || bfloat16) per token
-        assert float((a.exp() * (a - b)).sum(-1).mean()) < 1e-3
-    source = "model.layers.1.mlp.down_proj.weight"
-    w = full.params[source].detach().numpy()
-    q3 = roundtrip(w, T.Q3_K)
-    klds = []
-    for prober in (full, half):
-        prober.set_weight(source, q3)
-        klds.append(prober.kld(from_block=1))
-        prober.restore()
-    assert klds[0] > 1e-4 and klds[1] == pytest.approx(klds[0], rel=0.1)
-    assert probe_dtype("auto", 10**9, {"F32"}) == "float32" and probe_dtype("bfloat16", 10, {"F32"}) == "bfloat16"
-
-
+# -- probing from disk ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory, small_tokenizer):
-    """The tiny LLaMA stored in bfloat16, as the checkpoints the bfloat16 probe is for."""
+    """The tiny LLaMA stored in bfloat16, as the big checkpoints streamed probing is for."""
     import torch
 
     tok_path, vocab = small_tokenizer
@@ -496,30 +487,63 @@ def tiny_bf16(tmp_path_factory, small_tokenizer):
     return save_model(model, tmp_path_factory.mktemp("tiny-bf16") / "src", tokenizer_model=tok_path)
 
 
-def test_bf16_probe_chooses_nearly_the_same_types(tiny_bf16, texts, tmp_path):
-    """Probing a bfloat16 checkpoint with the model held in bfloat16 picks float32's mix.
-
-    The weights are the same numbers either way and a bfloat16 model computes in float32
-    (``compute_in_float32``); only swapped-in probe weights are rounded to bfloat16. (Before
-    the arithmetic was widened, bfloat16 activations moved 4 of 30 tensors by a type step.)
-    Measured: both mixes KLD 0.0085-0.0086, Q4_K_M's 0.0246, on the held-apart chunks.
-    """
+def test_probing_from_disk_chooses_the_same_mix(tiny_bf16, texts, tmp_path):
+    """--probe-from disk (blocks read from the checkpoint one at a time) and memory measure the
+    same numbers (to float rounding), so they choose the same mix."""
     calib, _ = texts
-    outcomes = {}
-    for dtype in ("float32", "bfloat16"):
-        report = library_export(tiny_bf16, tmp_path / dtype, ["q4_k_m"], calib, optimize=True, probe_dtype=dtype)
+    outcomes, files = {}, {}
+    for where in ("memory", "disk"):
+        report = library_export(tiny_bf16, tmp_path / where, ["q4_k_m"], calib, optimize=True, probe_from=where)
         (outcome,) = report.optimized
-        assert outcome.probe_dtype == dtype and outcome.optimized
-        outcomes[dtype] = outcome
-    a, b = (outcomes[d].file.tensor_types for d in ("float32", "bfloat16"))
-    assert [n for n in a if a[n] != b[n]] == []
-    full, half = outcomes["float32"], outcomes["bfloat16"]
-    assert half.kld_reference == pytest.approx(full.kld_reference, rel=0.02)   # the same Q4_K_M, measured
-    assert half.kld == pytest.approx(full.kld, rel=0.02)
-    assert half.kld < 0.5 * half.kld_reference
+        assert outcome.probe_from == where and outcome.optimized
+        outcomes[where], files[where] = outcome, report.files[0].path
+    memory, disk = outcomes["memory"], outcomes["disk"]
+    assert memory.file.tensor_types == disk.file.tensor_types
+    assert disk.kld == pytest.approx(memory.kld, rel=1e-4)
+    assert disk.kld_reference == pytest.approx(memory.kld_reference, rel=1e-4)
+    assert disk.kld < memory.kld_reference
+
+
+def test_probe_from_policy():
+    from shortquant.errors import QuantError
+    from shortquant.quant.probe import probe_from
+
+    assert probe_from("auto", 7_000_000_000) == "disk" and probe_from("auto", 5_000_000) == "memory"
+    assert probe_from("memory", 7_000_000_000) == "memory"
+    with pytest.raises(QuantError, match="--probe-from"):
+        probe_from("bfloat16", 10)
 
 
 def encode_text_of(model, path):
     from shortquant.tokenizer.encode import encode_text
 
     return encode_text(model, path.read_text())
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_big_models_probe_half_the_kinds_in_sample_blocks(tmp_path, small_tokenizer, cut):
+    """With split kinds (the big-model default) the sample blocks alternate between two halves
+    of the kinds, while the first and last block and every cut neighbour probe all of them: each
+    kind is still probed in at least three blocks of a 12-block model, with fewer probes."""
+    from checkpoints import rename_layers
+    from shortquant.quant.mixes import tensor_role
+    from shortquant.quant.optimize import BLOCK_KINDS, _probed, block_of, cut_distance, probe_plan
+
+    tok_path, vocab = small_tokenizer
+    src = save_model(build_model(TinySpec(num_hidden_layers=12, vocab_size=vocab)), tmp_path / "src",
+                     tokenizer_model=tok_path)
+    if cut:   # stored blocks 0-4 and 8-14: originals 5-7 removed, so blocks 4 and 5 are cut neighbours
+        rename_layers(src, {i: i if i < 5 else i + 3 for i in range(12)})
+    plan = optimize_plan(src)
+    whole, split = probe_plan(plan, 8, False), probe_plan(plan, 8, True)
+    assert set(whole) == set(split) and all(k is None for k in whole.values())
+    blocks = plan.block_map.block_count
+    always = {0, blocks - 1} | {b for b, d in cut_distance(plan).items() if d == 1}
+    assert always <= set(split) and all(split[b] is None for b in always)
+    sampled = [b for b in sorted(split) if b not in always]
+    assert sampled and all(split[b] in (frozenset(BLOCK_KINDS[0::2]), frozenset(BLOCK_KINDS[1::2])) for b in sampled)
+    names = [t.name for t in plan.tensors if tensor_role(t.name) in BLOCK_KINDS]
+    for kind in BLOCK_KINDS:
+        probed_in = {block_of(n) for n in names if tensor_role(n) == kind and _probed(n, split)}
+        assert len(probed_in) >= 3 and always <= probed_in
+    assert sum(_probed(n, split) for n in names) < sum(_probed(n, whole) for n in names)

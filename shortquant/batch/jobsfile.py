@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import QuantError, ShortquantError
 from ..export import EXPORT_SETTINGS, default_quants, optimize_request
-from ..quant.probe import PROBE_DTYPES as _TORCH_DTYPES
+from ..quant.probe import PROBE_FROM
 from ..hub import check_repo_id, is_hub_id
 
 # Settings allowed at the top level (defaults) and in each model entry, with their defaults:
@@ -46,7 +46,6 @@ DEFAULTS = {
     "private": False,
 }
 MODEL_ONLY = ("source", "folder")
-PROBE_DTYPES = ("auto", *_TORCH_DTYPES)
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PATTERN_FIELDS = {"folder", "name", "source"}   # what a repo pattern may use: me/{folder}-GGUF
 
@@ -98,7 +97,7 @@ class ModelJob:
     target_size: str | None = None
     calib: str | None = None
     force: bool = False
-    probe_dtype: str = "auto"
+    probe_from: str = "auto"
     optimize_keep: str | None = None
 
 
@@ -198,7 +197,7 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
     if len(problems) > before:
         return None
     try:   # export's own rule: --calib with, and only with, --optimize or a target
-        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_dtype"],
+        optimize_request(s["optimize"], s["target_bpw"], s["target_size"], s["calib"], s["probe_from"],
                          s["optimize_keep"])
     except ShortquantError as exc:
         problem("calib", str(exc))
@@ -221,7 +220,7 @@ def _model_job(index: int, entry: dict, defaults: dict, base_dir: Path, where: s
         license=s["license"], optimize=s["optimize"],
         target_bpw=tuple(s["target_bpw"]) if isinstance(s["target_bpw"], list) else s["target_bpw"],
         target_size=None if s["target_size"] is None else str(s["target_size"]), calib=s["calib"], force=s["force"],
-        probe_dtype=s["probe_dtype"],
+        probe_from=s["probe_from"],
         optimize_keep=",".join(s["optimize_keep"]) if isinstance(s["optimize_keep"], list) else s["optimize_keep"])
 
 
@@ -244,8 +243,8 @@ def _check_settings(values: dict, base_dir: Path, problem) -> dict:
     if bpw is not None and not all(not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= 32
                                    for v in (bpw if isinstance(bpw, list) and bpw else [bpw])):
         problem("target_bpw", f"expected bits per weight between 0 and 32 (or a list of them), not {bpw!r}")
-    if "probe_dtype" in values and values["probe_dtype"] not in PROBE_DTYPES:
-        problem("probe_dtype", f"expected one of {', '.join(PROBE_DTYPES)}, not {values['probe_dtype']!r}")
+    if "probe_from" in values and values["probe_from"] not in PROBE_FROM:
+        problem("probe_from", f"expected one of {', '.join(PROBE_FROM)}, not {values['probe_from']!r}")
     for key in ("recipe", "name", "chat_template", "output_type", "embedding_type", "pre", "base_model", "license"):
         if values.get(key) is not None and not isinstance(values[key], str):
             problem(key, f"expected text, not {values[key]!r}")
