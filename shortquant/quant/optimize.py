@@ -48,7 +48,7 @@ from ..errors import QuantError
 from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan
 from .mixes import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, OUTPUT, TOKEN_EMBD,
                     QuantOverrides, plan_file, tensor_role)
-from .sensitivity import candidate_types, roundtrip, tensor_errors
+from .sensitivity import candidate_types, tensor_errors
 from .solver import BudgetTooSmall, Option, solve
 from .types import QuantSpec, is_quantized, parse_quant
 
@@ -619,23 +619,25 @@ def _nbytes(t: TensorPlan, qtype: T) -> int:
     return t.n_elements // block * size
 
 
+def encode_tensor(checkpoint, t: TensorPlan, qtype: T, imatrix=None, threads: int | None = None) -> np.ndarray:
+    """Checkpoint tensor ``t`` stored as ``qtype`` (rows of bytes), as the writer stores it."""
+    from ..ggml import quantize
+    from ..stream import Piece, load_piece
+
+    data = load_piece(checkpoint, Piece(t, 0, t.shape[0])).reshape(-1, t.shape[-1])
+    return quantize(data, qtype, imatrix if is_quantized(qtype) else None, threads)
+
+
 class Decoded:
     """Checkpoint tensor ``t`` stored as ``qtype`` and decoded, in the checkpoint's layout, made
     when called: a sweep calls it at its block's turn (:meth:`Prober.kld_many`), and variants
-    naming the same ``key`` share what it made. ``encode``: where the stored rows come from
-    (default: quantized now and not kept)."""
+    naming the same ``key`` share what it made. ``encode(t, qtype)``: where the stored rows come
+    from (default: :func:`encode_tensor`, not kept)."""
 
     def __init__(self, checkpoint, t: TensorPlan, qtype: T, imatrix=None, threads: int | None = None, encode=None):
-        self.checkpoint, self.t, self.qtype, self.imatrix, self.threads = checkpoint, t, qtype, imatrix, threads
-        self.encode = encode or self._quantize
+        self.checkpoint, self.t, self.qtype, self.threads = checkpoint, t, qtype, threads
+        self.encode = encode or (lambda t, q: encode_tensor(checkpoint, t, q, imatrix, threads))
         self.key = (t.name, qtype)
-
-    def _quantize(self, t: TensorPlan, qtype: T) -> np.ndarray:
-        from ..ggml import quantize
-        from ..stream import Piece, load_piece
-
-        data = load_piece(self.checkpoint, Piece(t, 0, t.shape[0])).reshape(-1, t.shape[-1])
-        return quantize(data, qtype, self.imatrix if is_quantized(qtype) else None, self.threads)
 
     def __call__(self) -> np.ndarray:
         from ..ggml import dequantize
@@ -667,20 +669,16 @@ class MixVerifier:
         """Calibration KLD of the model with every tensor decoded from each mix's types."""
         variants = []
         for types in mixes:
-            variants.append({t.source: Decoded(self.checkpoint, t, types[t.name], encode=self._encode)
+            variants.append({t.source: Decoded(self.checkpoint, t, types[t.name], threads=self.threads,
+                                               encode=self._encode)
                              for t in self.plan.tensors
                              if not t.computed and (is_quantized(types[t.name]) or types[t.name] != T.F32)})
         return self.prober.kld_many(variants, which, progress)
 
     def _encode(self, t: TensorPlan, qtype: T) -> np.ndarray:
-        from ..ggml import quantize
-        from ..stream import Piece, load_piece
-
         encoded = self.encoded.get((t.name, qtype))
         if encoded is None:
-            data = load_piece(self.checkpoint, Piece(t, 0, t.shape[0])).reshape(-1, t.shape[-1])
-            imatrix = self.importance.get(t.name) if is_quantized(qtype) else None
-            encoded = quantize(data, qtype, imatrix, self.threads)
+            encoded = encode_tensor(self.checkpoint, t, qtype, self.importance.get(t.name), self.threads)
             if (t.name, qtype) in self.keep and encoded.nbytes <= self.keep_bytes:
                 self.encoded[(t.name, qtype)] = encoded
                 self.keep_bytes -= encoded.nbytes
