@@ -51,14 +51,22 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-chars", type=int, default=40000)
     parser.add_argument("--heldout-from", type=int, default=150000, help="held-out text: --calib from this character")
     parser.add_argument("--ctx", type=int, default=256, help="held-out chunk length")
-    parser.add_argument("--calib-ctx", type=int, default=128, help="calibration chunk length")
-    parser.add_argument("--chunks", type=int, default=6, help="calibration chunks")
+    parser.add_argument("--calib-ctx", type=int, default=128, help="calibration chunk length (held apart)")
+    parser.add_argument("--search-ctx", type=int, default=None,
+                        help="length of the chunks searched on (default --calib-ctx; prune cuts it on big models)")
+    parser.add_argument("--chunks", type=int, default=6, help="calibration chunks (searched + held apart)")
     parser.add_argument("--held-apart", type=int, default=2)
     parser.add_argument("--heldout-chunks", type=int, default=6)
     parser.add_argument("--stories", action="store_true", help="also measure on the package's story text")
     parser.add_argument("--pool", type=int, default=None, help="blocks the search chooses from (default: prune's)")
     parser.add_argument("--objective", choices=("ppl", "kld"), default="ppl",
                         help="what the search lowers on its chunks (kld: from the full model; not a prune option)")
+    parser.add_argument("--no-taylor", action="store_true", help="skip Taylor+ (prune's big-model default)")
+    parser.add_argument("--final-checks-only", action="store_true",
+                        help="held-apart checks of the final candidates only, not every step (big-model default)")
+    parser.add_argument("--big-model-defaults", type=str, metavar="N,K,PARAMS",
+                        help="search as prune's cost policy would on a model of N blocks, K removed, PARAMS "
+                             "parameters, streamed (e.g. 32,8,6.7e9: LLaMA-7B); sets the options above")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -68,8 +76,22 @@ def main(argv=None) -> int:
     from hf_from_gguf import build
     from shortquant.families.hf_model import load_torch_model
     from shortquant.prune.runner import BlockRunner
+    from shortquant.prune.commands import calibration_chunks
+    from shortquant.prune.cost import choose
     from shortquant.prune.search import measure
+    from shortquant.tokenizer.encode import encode_text
 
+    taylor, step_checks = not args.no_taylor, not args.final_checks_only
+    search_chunks, search_ctx = args.chunks - args.held_apart, args.search_ctx or args.calib_ctx
+    if args.big_model_defaults:
+        n, k, params = args.big_model_defaults.split(",")
+        big = choose(int(n), int(k), None, None, None, None, float(params), streamed=True)
+        print(f"prune's settings for {n} blocks, {k} removed, {float(params):.3g} parameters: {big}")
+        search_chunks, search_ctx, args.held_apart, args.calib_ctx = (big.search_chunks, big.search_ctx, big.held,
+                                                                      big.held_ctx)
+        args.chunks = search_chunks + big.held
+        taylor, step_checks = big.taylor, big.step_checks
+        args.pool = args.pool or big.pool
     torch.set_num_threads(args.threads)
     if not (args.model_dir / "config.json").is_file():
         build(args.gguf, args.model_dir)
@@ -78,10 +100,13 @@ def main(argv=None) -> int:
     assert args.heldout_from >= args.calib_chars, "the held-out text must not overlap the calibration"
     model = load_torch_model(args.model_dir)
     started = time.perf_counter()
-    runner = BlockRunner(model, chunks_of(args.model_dir, calib, args.calib_ctx, args.chunks), args.held_apart)
+    ids, bos = encode_text(args.model_dir, calib)
+    pieces, held = calibration_chunks(ids, bos, search_ctx, search_chunks, args.calib_ctx, args.held_apart)
+    runner = BlockRunner(model, pieces, held)
     scores, choices = measure(runner, args.remove, "greedy", silent=False, pool=args.pool,
-                             objective=args.objective)
+                             objective=args.objective, taylor=taylor, step_checks=step_checks)
     seconds = time.perf_counter() - started
+    runner_costs = runner.costs
     del runner
     evals = {"held out": BlockRunner(model, chunks_of(args.model_dir, heldout, args.ctx, args.heldout_chunks))}
     if args.stories:
@@ -91,7 +116,9 @@ def main(argv=None) -> int:
     rows += [(f"default ({choices['chosen'].how} won on held-apart calibration)", choices["chosen"].removed),
              ("greedy, then exchanges", choices["swaps"].removed),
              ("greedy only", choices["greedy"].removed), ("Block Influence (bi), one-shot", choices["bi"].removed),
-             ("PPL criterion, one-shot", choices["ppl"].removed), ("Taylor+, one-shot", choices["taylor"].removed)]
+             ("PPL criterion, one-shot", choices["ppl"].removed)]
+    if "taylor" in choices:
+        rows.append(("Taylor+, one-shot", choices["taylor"].removed))
     table, seen = [], {}
     for label, removed in rows:
         if removed not in seen:   # the default is one of the others: measured once
@@ -99,8 +126,9 @@ def main(argv=None) -> int:
         ppl = seen[removed]
         table.append({"how": label, "removed": list(removed), **{k: round(v, 3) for k, v in ppl.items()}})
     n_blocks = len(scores["bi"])
-    print(f"\n{args.model_dir.name}: {n_blocks} blocks, {args.remove} removed; calibration {args.chunks} chunks of "
-          f"{args.calib_ctx} ({args.held_apart} held apart), held out {args.heldout_chunks} chunks of {args.ctx}; measuring and searching took {seconds:.0f} s; "
+    print(f"\n{args.model_dir.name}: {n_blocks} blocks, {args.remove} removed; calibration {search_chunks} chunk(s) "
+          f"of {search_ctx} searched, {held} of {args.calib_ctx} held apart, pool {args.pool or 'default'}, "
+          f"Taylor+ {'on' if taylor else 'off'}'), held out {args.heldout_chunks} chunks of {args.ctx}; measuring and searching took {seconds:.0f} s; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     names = list(evals)
     print("| how the blocks were chosen | removed | " + " | ".join(f"PPL {n}" for n in names) + " |")
@@ -108,12 +136,14 @@ def main(argv=None) -> int:
     for row in table:
         print(f"| {row['how']} | {','.join(map(str, row['removed'])) or '-'} | "
               + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+    print("held-apart (final pick): " + ", ".join(f"{k} {c.held_ppl:.2f}" for k, c in choices.items() if k != "chosen"))
     print("\ngreedy steps: " + ", ".join(f"{s.block} ({s.search_ppl:.2f} / {s.held_ppl:.2f})"
                                          for s in choices["greedy"].steps))
     print("exchanges: " + (", ".join(f"keep {s.put_back}, remove {s.block} ({s.search_ppl:.2f} / {s.held_ppl:.2f})"
                                      for s in choices["swaps"].steps) or "none lowered the search PPL"))
     if args.json:
-        args.json.write_text(json.dumps({"table": table, "scores": scores, "seconds": seconds,
+        args.json.write_text(json.dumps({"table": table, "scores": scores, "seconds": seconds, "costs": runner_costs,
+                                         "held_apart": {k: c.held_ppl for k, c in choices.items() if k != "chosen"},
                                          "steps": [vars(s) for s in choices["greedy"].steps],
                                          "swaps": [vars(s) for s in choices["swaps"].steps]}, indent=2))
     return 0

@@ -12,6 +12,7 @@ benchmark; the cost does not depend on the values).
     nice python scripts/bench_prune_cost.py --blocks 32 --remove 8 --calib calib20k.txt --skip-export
     nice python scripts/bench_prune_cost.py --blocks 8 --remove 2 --calib calib20k.txt -- --criterion ppl
     nice python scripts/bench_prune_cost.py --blocks 32 --calib calib20k.txt --sweep-only   # memory at depth
+    nice python scripts/bench_prune_cost.py --source /tmp/b32/llama-7b-32 --out-dir /tmp/pc --calib calib20k.txt
 
 ``--sweep-only``: no search, only the streamed model, its reference pass and one sweep of four
 one-block-removed sets on 2 chunks of --ctx tokens: peak RSS and the seconds a block read takes.
@@ -104,20 +105,18 @@ print(json.dumps({"build_s": round(built, 1), "peak_rss_after_build_mb": rss_bui
 
 
 def stages(sweeps: list[dict]) -> dict[str, list[float]]:
-    """[wall s, CPU s, block-token runs] per stage from prune's sweep log (measure()'s order)."""
+    """[wall s, CPU s, block-token runs, sweeps] per stage from prune's sweep log (each entry is
+    "STAGE: sweep on SPLITS"; greedy steps and exchange rounds summed)."""
     out: dict[str, list[float]] = {}
-    one_shot_seen = False
     for s in sweeps:
-        what = s["what"]
-        if what == "sweep on search":
-            what = "greedy steps" if one_shot_seen else "one-shot ppl"
-            one_shot_seen = True
-        elif what == "sweep on held-apart":
-            what = "held-apart checks"
-        row = out.setdefault(what, [0.0, 0.0, 0])
+        what = s["what"].split(":")[0]
+        what = "greedy steps" if what.startswith("greedy step") else "exchanges" if what.startswith("exchanges") \
+            else what
+        row = out.setdefault(what, [0.0, 0.0, 0, 0])
         row[0] += s["seconds"]
         row[1] += s["cpu_s"]
         row[2] += s["block_token_runs"]
+        row[3] += 1
     return out
 
 
@@ -125,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/shortquant-bench"))
     parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--source", type=Path, help="an existing checkpoint to time (instead of building one)")
     parser.add_argument("--remove", type=int, default=8)
     parser.add_argument("--calib", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
@@ -134,8 +134,11 @@ def main() -> None:
     parser.add_argument("prune_args", nargs="*", help="extra prune options (after --)")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    two = build_checkpoint(args.out_dir / "llama-7b-2", 2)
-    src = two if args.blocks == 2 else deepen(two, args.out_dir / f"llama-7b-{args.blocks}", args.blocks)
+    if args.source:
+        src = args.source
+    else:
+        two = build_checkpoint(args.out_dir / "llama-7b-2", 2)
+        src = two if args.blocks == 2 else deepen(two, args.out_dir / f"llama-7b-{args.blocks}", args.blocks)
     log = args.out_dir / "bench_prune_cost.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cli = [sys.executable, "-c", "import sys; from shortquant.cli import main; sys.argv[0] = 'shortquant'; main()"]
@@ -162,11 +165,12 @@ def main() -> None:
     doc = json.loads(text[text.rindex("\n{\n") + 1:])
     report.write_text(json.dumps(doc, indent=2))
     cost = doc["cost"]
-    print(f"\nprune: {doc['chunks']} chunks of {doc['ctx']} ({doc['held_apart']} held apart), pool {cost['pool']}, "
-          f"streamed {cost['streamed']}, predicted {cost['predicted_ratio_to_export']}x export")
-    for stage, (wall, cpu, runs) in stages(cost["sweeps"]).items():
+    print(f"\nprune: {cost.get('search_tokens')} search tokens, {cost.get('held_apart_tokens')} held apart, "
+          f"pool {cost['pool']}, cut {cost.get('cut')}, streamed {cost['streamed']}, "
+          f"predicted {cost['predicted_ratio_to_export']}x export; chose {doc['chosen']}")
+    for stage, (wall, cpu, runs, count) in stages(cost["sweeps"]).items():
         per = f"{1000 * cpu / runs:6.2f} ms CPU a block-token run" if runs else ""
-        print(f"  {stage:<18} {wall:8.1f} s wall {cpu:8.1f} s CPU {runs:9d} block-token runs  {per}")
+        print(f"  {stage:<18} {count:3d} sweeps {wall:8.1f} s wall {cpu:8.1f} s CPU {runs:9d} block-token runs  {per}")
     if "export" in results:
         e, p = results["export"], results["prune"]
         print(f"ratio prune/export: wall {p.wall_s / e.wall_s:.2f}x, CPU {p.cpu_s / e.cpu_s:.2f}x; "

@@ -370,6 +370,33 @@ def test_prune_exports_what_remove_blocks_exports_and_save_hf_too(tmp_path):
     assert a.files[0].path.read_bytes() == b.files[0].path.read_bytes()
 
 
+def test_prune_on_a_big_model_cuts_the_defaults_says_so_and_still_picks_on_the_held_apart_chunk(tmp_path, monkeypatch):
+    from shortquant.prune import cost
+
+    # the demo priced as if it were a big model on a budget it can only meet at the floors
+    monkeypatch.setattr(cost, "SMALL_PARAMS", 0)
+    monkeypatch.setattr(cost, "TARGET_RATIO", 0.01)
+    result = run("prune", "--remove", "2", "--calib", calib_file(tmp_path), "--json")
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    c = report["cost"]
+    assert c["reduced_for_cost"] and c["cut"] == ["taylor", "step checks", "pool", "chunks", "search ctx"]
+    assert report["search_ctx"] == cost.MIN_SEARCH_CTX and report["ctx"] == cost.CTX and report["chunks"] == 2
+    assert (c["search_tokens"], c["held_apart_tokens"], c["pool"]) == (cost.MIN_SEARCH_CTX, cost.CTX, 4)
+    assert report["scores"]["taylor"] is None and "taylor" not in report["choices"] and not c["taylor"]
+    steps = report["choices"]["greedy"]["steps"]
+    assert steps[0]["held_apart_ppl"] is None and steps[-1]["held_apart_ppl"] == report["choices"]["greedy"][
+        "held_apart_ppl"]
+    best = min(report["choices"][k]["held_apart_ppl"] for k in ("swaps", "greedy", "bi", "ppl"))
+    assert report["chosen"]["held_apart_ppl"] == best
+    # every sweep listed: reference, one-shot, greedy step 2, exchange rounds (held checks ride along)
+    whats = [s["what"].split(":")[0] for s in c["sweeps"]]
+    assert whats[:3] == ["reference", "one-shot ppl", "greedy step 2"] and whats[3].startswith("exchanges")
+    assert len(whats) == cost.sweeps(2, True, False) + len(report["choices"]["swaps"]["steps"])
+    # the one stderr line (stdout stays the JSON document)
+    line = [x for x in result.stderr.splitlines() if "defaults were cut" in x]
+    assert len(line) == 1 and "Taylor+ not scored" in line[0] and "--ctx" in line[0]
+
+
 def test_prune_bad_input_is_one_line(tmp_path):
     calib = calib_file(tmp_path)
     assert_one_line_error(run("prune", "--remove", "6", "--calib", calib, ok=False), "--remove 6", "6 blocks")

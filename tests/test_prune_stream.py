@@ -126,15 +126,60 @@ def test_stream_policy_follows_the_float32_size(tmp_path):
 
 
 def test_cost_policy_keeps_small_models_and_cuts_big_deep_ones():
-    from shortquant.prune.cost import TARGET_RATIO, choose, greedy_pool_size
+    from shortquant.prune.cost import MIN_SEARCH_CTX, TARGET_RATIO, choose, greedy_pool_size, predicted_ratio
 
-    small = choose(30, 6, 256, 16, None, None, params=1.35e8, streamed=False)
-    assert (small.chunks, small.held, small.pool, small.reduced) == (16, 4, None, False)
-    eight = choose(8, 2, 256, 16, None, None, params=2.2e9, streamed=True)   # 8 LLaMA-7B blocks
-    # cut to the floor (one chunk searched, one held apart): predicted 3.2x with the exchange round
-    assert eight.reduced and (eight.chunks, eight.held) == (2, 1) and eight.pool == greedy_pool_size(8, 2) == 4
-    assert eight.ratio < choose(8, 2, 256, 3, None, 4, params=2.2e9, streamed=True, chunks_given=True).ratio
-    deep = choose(32, 8, 256, 16, None, None, params=6.7e9, streamed=True)   # LLaMA-7B: the floor
-    assert (deep.chunks, deep.held, deep.pool) == (2, 1, 12) and deep.ratio > TARGET_RATIO
-    given = choose(32, 8, 256, 16, None, 32, params=6.7e9, streamed=True, chunks_given=True, pool_given=True)
-    assert (given.chunks, given.pool) == (16, 32)
+    small = choose(30, 6, None, None, None, None, params=1.35e8, streamed=False)   # SmolLM2-135M: untouched
+    assert (small.search_chunks, small.search_ctx, small.held, small.held_ctx) == (12, 256, 4, 256)
+    assert (small.pool, small.taylor, small.step_checks, small.reduced) == (None, True, True, False)
+    deep = choose(32, 8, None, None, None, None, params=6.7e9, streamed=True)   # LLaMA-7B, --remove 8
+    assert deep.reduced and deep.ratio <= TARGET_RATIO
+    assert (deep.search_chunks, deep.held, deep.held_ctx, deep.pool) == (1, 1, 256, greedy_pool_size(32, 8))
+    assert not deep.taylor and not deep.step_checks and MIN_SEARCH_CTX <= deep.search_ctx < 256
+    assert deep.ratio == predicted_ratio(32, 8, deep.search_ctx, 256, deep.pool, True, taylor=False,
+                                         step_checks=False)
+    # each cut only as far as needed: 16 more searched tokens would not fit
+    assert predicted_ratio(32, 8, deep.search_ctx + 16, 256, deep.pool, True, taylor=False,
+                           step_checks=False) > TARGET_RATIO
+    eight = choose(8, 2, None, None, None, None, params=2.2e9, streamed=True)    # 8 LLaMA-7B blocks
+    assert eight.reduced and eight.ratio <= TARGET_RATIO and eight.search_ctx == 256
+    # what the user gave is kept; only the rest is cut
+    given = choose(32, 8, 256, 16, None, 32, params=6.7e9, streamed=True, taylor=True)
+    assert (given.search_chunks + given.held, given.search_ctx, given.pool, given.taylor) == (16, 256, 32, True)
+    assert given.ratio > TARGET_RATIO and given.cuts == ("step checks",)
+
+
+def test_queued_held_checks_ride_along_with_the_next_sweep_and_give_the_same_numbers(demo_pair):
+    resident, streamed = demo_pair
+    n = resident.n_blocks
+    searched = [frozenset({b, n - 1}) for b in range(n - 1)]
+    held = [frozenset({1}), frozenset({0, 2}), frozenset({3, 4}), frozenset()]
+    for runner in (resident, streamed):
+        runner.known.clear()
+        apart = runner.ppl_many(searched, runner.search), runner.ppl_many(held, runner.held)
+        runner.known.clear()
+        sweeps = len(runner.costs)
+        runner.queue(held, runner.held)
+        together = runner.ppl_many(searched, runner.search)
+        assert len(runner.costs) == sweeps + 1 and runner.costs[-1]["what"].endswith("search + held-apart")
+        assert together == apart[0]   # the same operations on the same tensors: equal, not only close
+        assert runner.ppl_many(held, runner.held) == apart[1] and len(runner.costs) == sweeps + 1
+        close(apart[1], [rerun_alone(runner, s, runner.held) for s in held], rel=1e-9)
+
+
+def test_the_search_makes_the_sweeps_the_cost_model_counts(demo_pair):
+    from shortquant.prune.cost import sweeps
+    from shortquant.prune.search import measure
+
+    resident, streamed = demo_pair
+    for taylor, step_checks in ((True, True), (False, False)):
+        streamed.known.clear()
+        before = len(streamed.costs)
+        scores, choices = measure(streamed, 2, "greedy", silent=True, taylor=taylor, step_checks=step_checks)
+        extra = len(choices["swaps"].steps)   # each exchange taken adds a round
+        assert extra < 3 and len(streamed.costs) - before == sweeps(2, True, taylor) - 1 + extra, streamed.costs
+        assert ("taylor" in scores) == taylor
+        measured = [s.held_ppl == s.held_ppl for s in choices["greedy"].steps]
+        assert measured == ([True, True] if step_checks else [False, True])
+        # the folded checks give what a check of its own gives
+        for c in ("greedy", "swaps", "bi", "ppl", "none"):
+            close([choices[c].held_ppl], [rerun_alone(streamed, choices[c].removed, streamed.held)], rel=1e-9)

@@ -46,6 +46,19 @@ class Split:
     indices: tuple[int, ...]
 
 
+class _Share:
+    """A progress bar that counts only the first ``total`` of a sweep's jobs (queued ones ride along)."""
+
+    def __init__(self, bar, total: int):
+        self.bar, self.total, self.seen = bar, total, 0
+
+    def update(self, step: int) -> None:
+        step = max(0, min(step, self.total - self.seen))
+        self.seen += step
+        if step:
+            self.bar.update(step)
+
+
 class _Stop(Exception):
     """Ends the kwargs-recording forward pass at the final norm."""
 
@@ -89,6 +102,8 @@ class BlockRunner:
         self.kwargs: list[list[dict]] = [[{}] * n for _ in range(self.n_blocks)]
         self.known: dict[tuple[frozenset, tuple[int, ...]], float] = {}   # (set, chunks) -> summed NLL
         self.costs: list[dict] = []   # one entry per sweep: what, sets, block-token runs, seconds
+        self.pending: list[tuple[frozenset, Split]] = []   # queued to ride along with the next sweep
+        self.stage = "measure"        # what the sweeps are for (the search sets it; in the cost log)
         start = self.clock()
         self._reference(progress)
         self.log("reference", 0, self.n_blocks * sum(c.shape[1] for c in self.chunks), start)
@@ -177,69 +192,94 @@ class BlockRunner:
         targets = self.chunks[i][0, 1:]
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
+    def queue(self, candidates: Iterable[Iterable[int]], split: Split) -> None:
+        """Measure these sets on ``split`` with the next sweep whatever it is for (the held-apart
+        checks of a search ride along with its next step instead of taking a sweep of their own;
+        a streamed model reads every block once per sweep). :meth:`nll_many` then finds them known."""
+        for c in candidates:
+            job = (frozenset(c), split)
+            if (job[0], split.indices) not in self.known and job not in self.pending:
+                self.pending.append(job)
+
     def final_hidden_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[list]:
         """The final norm's input of each removed set on each chunk of ``split`` (one sweep)."""
-        sets = [frozenset(c) for c in candidates]
-        n, chunks = self.n_blocks, split.indices
-        for s in sets:
+        return self._sweep([(frozenset(c), split) for c in candidates], progress)
+
+    def _sweep(self, jobs: Sequence[tuple[frozenset, Split]], progress=None) -> list[list]:
+        """The final norm's input of each (removed set, split) job, all in one sweep of the blocks:
+        jobs on the same chunks that removed the same blocks so far share one hidden state."""
+        n = self.n_blocks
+        for s, _ in jobs:
             if any(not 0 <= b < n for b in s):
                 raise QuantError(f"removed blocks {sorted(s)}: the model has blocks 0..{n - 1}")
-        # prefix (the set's removed blocks below the current one) -> the sets sharing it, and
-        # their hidden state per chunk; None = the kept reference input of the current block
-        members: dict[frozenset, list[int]] = {frozenset(): list(range(len(sets)))}
-        states: dict[frozenset, list | None] = {frozenset(): None}
-        start, clock, runs = min((min(s) for s in sets if s), default=n), self.clock(), 0
-        tokens = sum(self.chunks[i].shape[1] for i in chunks)
+        # (chunks, prefix: the job's removed blocks below the current one) -> the jobs sharing it,
+        # and their hidden state per chunk; None = the kept reference input of the current block
+        members: dict[tuple, list[int]] = {}
+        for j, (s, split) in enumerate(jobs):
+            members.setdefault((split.indices, frozenset()), []).append(j)
+        states: dict[tuple, list | None] = dict.fromkeys(members)
+        start, clock, runs = min((min(s) for s, _ in jobs if s), default=n), self.clock(), 0
         done = 0
         for b in range(start, n):
-            after: dict[frozenset, list[int]] = {}
-            for prefix, idx in members.items():
-                for s in idx:
-                    key = prefix | {b} if b in sets[s] else prefix
-                    after.setdefault(key, []).append(s)
-            following: dict[frozenset, list | None] = {}
+            after: dict[tuple, list[int]] = {}
+            for (chunks, prefix), idx in members.items():
+                for j in idx:
+                    key = (chunks, prefix | {b} if b in jobs[j][0] else prefix)
+                    after.setdefault(key, []).append(j)
+            following: dict[tuple, list | None] = {}
             run = []
             for key in after:
-                if b in key:        # removed here: the state passes block b unchanged
-                    prefix = key - {b}
-                    following[key] = states[prefix] if prefix else [self.inputs[b][i] for i in chunks]
-                elif key:
+                chunks, removed = key
+                if b in removed:        # removed here: the state passes block b unchanged
+                    before = (chunks, removed - {b})
+                    following[key] = states[before] if before[1] else [self.inputs[b][i] for i in chunks]
+                elif removed:
                     run.append(key)
                 else:
                     following[key] = None   # nothing removed yet: the reference pass's next input
             if run:
                 with self.torch.no_grad(), self.block(b):
                     for key in run:
-                        following[key] = [self.run_block(b, i, h) for i, h in zip(chunks, states[key])]
-                runs += len(run) * tokens
+                        following[key] = [self.run_block(b, i, h) for i, h in zip(key[0], states[key])]
+                        runs += sum(self.chunks[i].shape[1] for i in key[0])
             members, states = after, following
             if progress is not None:
-                step = len(sets) * (b - start + 1) // (n - start) - done
+                step = len(jobs) * (b - start + 1) // (n - start) - done
                 progress.update(step)
                 done += step
-        if progress is not None and done < len(sets):
-            progress.update(len(sets) - done)
-        if sets:
-            self.log(f"sweep on {split.name}", len(sets), runs, clock)
-        final = {key: states[key] or [self.inputs[n][i] for i in chunks] for key in members}
-        return [final[s] for s in sets]
+        if progress is not None and done < len(jobs):
+            progress.update(len(jobs) - done)
+        if start < n:   # a sweep that read blocks (sets that remove none need only the head)
+            names = " + ".join(dict.fromkeys(split.name for _, split in jobs))
+            self.log(f"{self.stage}: sweep on {names}", len(jobs), runs, clock)
+        final = {key: states[key] or [self.inputs[n][i] for i in key[0]] for key in members}
+        out: list[list | None] = [None] * len(jobs)
+        for key, idx in members.items():
+            for j in idx:
+                out[j] = final[key]
+        return out
 
     def nll_many(self, candidates: Sequence[Iterable[int]], split: Split, progress=None) -> list[tuple[float, int]]:
         """(summed NLL, token count) on ``split`` of each removed set in ``candidates``; a set
-        measured before on the same chunks is not rerun (greedy's first step is one-shot PPL)."""
+        measured before on the same chunks is not rerun (greedy's first step is one-shot PPL), and
+        the sets :meth:`queue`d so far are measured in the same sweep."""
         count = sum(self.chunks[i].shape[1] - 1 for i in split.indices)
         sets = [frozenset(c) for c in candidates]
-        new = [s for s in dict.fromkeys(sets) if (s, split.indices) not in self.known]
+        new = [(s, split) for s in dict.fromkeys(sets) if (s, split.indices) not in self.known]
         if progress is not None and len(new) < len(sets):
             progress.update(len(sets) - len(new))
-        hidden = self.final_hidden_many(new, split, progress)
+        extra = []
+        if new:   # queued sets ride along with a sweep that runs anyway, never make one of their own
+            extra = [job for job in self.pending if job not in new and (job[0], job[1].indices) not in self.known]
+            self.pending = []
+        hidden = self._sweep(new + extra, _Share(progress, len(new)) if progress is not None else None)
         totals: dict[int, float] = {}   # id of a shared final state -> its NLL
         with self.torch.no_grad():
-            for s, states in zip(new, hidden):
+            for (s, sp), states in zip(new + extra, hidden):
                 if id(states) not in totals:
                     totals[id(states)] = sum(float(self.chunk_nll(i, h).double())
-                                             for i, h in zip(split.indices, states))
-                self.known[s, split.indices] = totals[id(states)]
+                                             for i, h in zip(sp.indices, states))
+                self.known[s, sp.indices] = totals[id(states)]
         return [(self.known[s, split.indices], count) for s in sets]
 
     def nll(self, removed: Iterable[int], split: Split) -> tuple[float, int]:

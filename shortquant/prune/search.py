@@ -42,6 +42,7 @@ class Step:
     search_ppl: float              # the search objective's value on the search chunks (PPL; KLD with "kld")
     held_ppl: float
     put_back: int | None = None    # a swap step: the block removed earlier and kept again
+    removed: tuple[int, ...] = ()  # the set after this step
 
 
 @dataclass
@@ -86,34 +87,72 @@ def _objective(runner: BlockRunner, objective: str):
     return runner.kld_many if objective == "kld" else runner.ppl_many
 
 
+def _stage(runner, what: str) -> None:
+    if hasattr(runner, "stage"):
+        runner.stage = what
+
+
+def _held_later(runner, sets, defer: bool) -> None:
+    """Queue held-apart checks to ride along with the runner's next sweep (``defer``)."""
+    if defer and hasattr(runner, "queue"):
+        runner.queue(sets, runner.held)
+
+
+def fill_held(runner, choices: Sequence[Choice], steps: bool = True) -> None:
+    """Every choice's held-apart PPL (and each step's, with ``steps``) from one ``ppl_many`` call:
+    one sweep for them all, none for the sets already measured along with the search's sweeps."""
+    todo = [c for c in choices if c.held_ppl != c.held_ppl]   # NaN: not measured yet
+    step_list = [s for c in choices for s in c.steps if s.held_ppl != s.held_ppl] if steps else []
+    sets = [c.removed for c in todo] + [s.removed for s in step_list]
+    if not sets:
+        return
+    _stage(runner, "held-apart checks")
+    values = runner.ppl_many(sets, runner.held)
+    for obj, value in zip([*todo, *step_list], values):
+        obj.held_ppl = value
+    for c in choices:   # a search's last step removed the choice's set
+        if c.steps and c.steps[-1].removed == c.removed:
+            c.steps[-1].held_ppl = c.held_ppl
+
+
 def greedy(runner: BlockRunner, k: int, progress=None, pool: Sequence[int] | None = None,
-           objective: str = "ppl") -> Choice:
+           objective: str = "ppl", defer: bool = False, step_checks: bool = True) -> Choice:
     """Remove the block whose removal costs least, ``k`` times, re-measuring the rest each step.
-    ``pool``: the blocks to try (default: all)."""
+    ``pool``: the blocks to try (default: all). Each step's held-apart PPL (only the last one's
+    without ``step_checks``) is measured after the search in one sweep, or with ``defer`` queued to
+    ride along with the next sweep (the caller then calls :func:`fill_held`)."""
     removed: list[int] = []
     steps = []
     pool = list(range(runner.n_blocks)) if pool is None else sorted(pool)
-    for _ in range(k):
+    for i in range(k):
+        _stage(runner, f"greedy step {i + 1}")
         tried = [b for b in pool if b not in removed]
         trials = dict(zip(tried, _objective(runner, objective)([[*removed, b] for b in tried], runner.search,
                                                                progress)))
         best = min(trials, key=lambda b: (trials[b], b))
         removed.append(best)
-        steps.append(Step(best, trials[best], runner.ppl(removed, runner.held)))
-    return Choice("greedy", tuple(sorted(removed)), steps[-1].held_ppl, steps)
+        steps.append(Step(best, trials[best], float("nan"), removed=tuple(sorted(removed))))
+        if step_checks or i == k - 1:
+            _held_later(runner, [removed], defer)
+    choice = Choice("greedy", tuple(sorted(removed)), steps=steps)
+    if not defer:
+        fill_held(runner, [choice], steps=step_checks)
+    choice.held_ppl = steps[-1].held_ppl
+    return choice
 
 
 def swaps(runner: BlockRunner, start: Choice, progress=None, pool: Sequence[int] | None = None,
-          rounds: int = SWAP_ROUNDS, objective: str = "ppl") -> Choice:
+          rounds: int = SWAP_ROUNDS, objective: str = "ppl", defer: bool = False) -> Choice:
     """From ``start`` (greedy's set, its last step's search PPL), take the best exchange of a
     removed block for a kept ``pool`` block while it lowers the search PPL, at most ``rounds`` times.
-    Never ends above ``start``'s search PPL."""
+    Never ends above ``start``'s search PPL. Held-apart checks as :func:`greedy`'s."""
     removed = set(start.removed)
     many = _objective(runner, objective)
     current = start.steps[-1].search_ppl if start.steps else many([removed], runner.search)[0]
     pool = list(range(runner.n_blocks)) if pool is None else sorted(pool)
     steps = []
-    for _ in range(rounds):
+    for r in range(rounds):
+        _stage(runner, f"exchanges {r + 1}")
         moves = [(out, b) for out in sorted(removed) for b in pool if b not in removed]
         if not moves:
             break
@@ -123,9 +162,13 @@ def swaps(runner: BlockRunner, start: Choice, progress=None, pool: Sequence[int]
         if not trials[j] < current:
             break
         current, removed = trials[j], set(sets[j])
-        steps.append(Step(moves[j][1], current, runner.ppl(removed, runner.held), put_back=moves[j][0]))
-    held = steps[-1].held_ppl if steps else start.held_ppl
-    return Choice("swaps", tuple(sorted(removed)), held, steps)
+        steps.append(Step(moves[j][1], current, float("nan"), put_back=moves[j][0], removed=tuple(sets[j])))
+        _held_later(runner, [removed], defer)
+    choice = Choice("swaps", tuple(sorted(removed)), steps=steps)
+    if not defer:
+        fill_held(runner, [choice])
+    choice.held_ppl = steps[-1].held_ppl if steps else start.held_ppl
+    return choice
 
 
 def check_count(k: int, n_blocks: int) -> None:
@@ -134,38 +177,48 @@ def check_count(k: int, n_blocks: int) -> None:
 
 
 def best_choice(runner: BlockRunner, choices: Sequence[Choice]) -> Choice:
-    """The choice with the lowest held-apart PPL (measured here when not yet); the first on ties."""
-    for c in choices:
-        if c.held_ppl != c.held_ppl:   # NaN: not measured yet
-            c.held_ppl = runner.ppl(c.removed, runner.held)
+    """The choice with the lowest held-apart PPL (measured here when not yet, all in one sweep);
+    the first on ties."""
+    fill_held(runner, choices, steps=False)
     return min(choices, key=lambda c: c.held_ppl)
 
 
-def measure(runner, count: int, criterion: str, silent: bool, pool: int | None = None, objective: str = "ppl"):
+def measure(runner, count: int, criterion: str, silent: bool, pool: int | None = None, objective: str = "ppl",
+            taylor: bool = True, step_checks: bool = True):
     """Scores of every criterion, each criterion's one-shot set and (by default) the greedy and the
     swapped ones. ``pool``: how many blocks the search chooses from (None: ``default_pool``);
-    ``objective``: what the search lowers (the final pick is always by held-apart PPL)."""
+    ``objective``: what the search lowers (the final pick is always by held-apart PPL);
+    ``taylor``: score Taylor+ too (a backward sweep: big models skip it by default, see cost.py);
+    ``step_checks``: measure every search step's set on the held-apart chunks too, not only the
+    final candidates. Held-apart checks ride along with the search's next sweep."""
     from tqdm import tqdm
 
-    from .criteria import block_influence, one_shot_ppl, taylor
+    from .criteria import block_influence, one_shot_ppl
+    from .criteria import taylor as taylor_scores
 
     n = runner.n_blocks
     scores = {"bi": block_influence(runner, runner.search)}
+    _stage(runner, "one-shot ppl")
     with tqdm(total=n, desc="ppl, one block removed", unit="block", disable=silent, leave=False) as bar:
         scores["ppl"] = one_shot_ppl(runner, runner.search, bar)
-    with tqdm(total=n, desc="taylor gradients", unit="block", disable=silent, leave=False) as bar:
-        scores["taylor"] = taylor(runner, runner.search, bar)
-    choices: dict[str, Choice] = {c: Choice(c, one_shot(c, scores[c], count)) for c in CRITERIA}
+    if taylor or criterion == "taylor":
+        _stage(runner, "taylor")
+        with tqdm(total=n, desc="taylor gradients", unit="block", disable=silent, leave=False) as bar:
+            scores["taylor"] = taylor_scores(runner, runner.search, bar)
+    criteria = [c for c in CRITERIA if c in scores]
+    choices: dict[str, Choice] = {c: Choice(c, one_shot(c, scores[c], count)) for c in criteria}
+    _held_later(runner, [(), *(c.removed for c in choices.values())], True)
     if criterion == "greedy":
         blocks = greedy_pool(scores["ppl"], count, pool)
         size = len(blocks or range(n))
         total = sum(size - i for i in range(count))
         with tqdm(total=total, desc="greedy search", unit="trial", disable=silent, leave=False) as bar:
-            choices["greedy"] = greedy(runner, count, bar, blocks, objective)
+            choices["greedy"] = greedy(runner, count, bar, blocks, objective, defer=True, step_checks=step_checks)
         with tqdm(total=SWAP_ROUNDS * count * (size - count), desc="swaps", unit="trial", disable=silent,
                   leave=False) as bar:
-            choices["swaps"] = swaps(runner, choices["greedy"], bar, blocks, objective=objective)
-        choices["chosen"] = best_choice(runner, [choices["swaps"], choices["greedy"], *(choices[c] for c in CRITERIA)])
+            choices["swaps"] = swaps(runner, choices["greedy"], bar, blocks, objective=objective, defer=True)
+        fill_held(runner, [choices["greedy"], choices["swaps"]], steps=step_checks)
+        choices["chosen"] = best_choice(runner, [choices["swaps"], choices["greedy"], *(choices[c] for c in criteria)])
     else:
         best_choice(runner, list(choices.values()))   # measures each set's held-apart PPL for the table
     choices["none"] = Choice("none", (), runner.ppl((), runner.held))
