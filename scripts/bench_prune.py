@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     n_blocks = len(scores["bi"])
     print(f"\n{args.model_dir.name}: {n_blocks} blocks, {args.remove} removed; calibration {search_chunks} chunk(s) "
           f"of {search_ctx} searched, {held} of {args.calib_ctx} held apart, pool {args.pool or 'default'}, "
-          f"Taylor+ {'on' if taylor else 'off'}'), held out {args.heldout_chunks} chunks of {args.ctx}; measuring and searching took {seconds:.0f} s; "
+          f"Taylor+ {'on' if taylor else 'off'}, held out {args.heldout_chunks} chunks of {args.ctx}; measuring and searching took {seconds:.0f} s; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     names = list(evals)
     print("| how the blocks were chosen | removed | " + " | ".join(f"PPL {n}" for n in names) + " |")

@@ -13,9 +13,11 @@ The default search has two stages, both on the calibration PPL of the search chu
    lowers the PPL, and so on until none does (at most ``SWAP_ROUNDS`` exchanges).
 
 The pool is the blocks one-shot PPL ranks cheapest (``default_pool``: 2K, at least K + 4; ``prune``
-passes K + K/2 on a big deep model, see ``cost.py``), which keeps the cost bounded on deep models. Then the swapped set, the greedy set and every one-shot set
+passes K + K/4 on a big deep model, see ``cost.py``), which keeps the cost bounded on deep models. Then the swapped set, the greedy set and every one-shot set
 are measured on the held-apart chunks (calibration text the choosing never saw) and the lowest
-wins, so the default is never worse there than a one-shot choice.
+wins, so the default is never worse there than a one-shot choice. The held-apart checks (each
+step's set, or only the final candidates' with ``step_checks=False``) are queued on the runner
+and measured along with the search's next sweep, not in sweeps of their own.
 
 Cost, counted in candidate sets (each reruns at most the n blocks from its first removed one, on
 the search chunks): n one-shot + (K P - K (K - 1) / 2) greedy + at most SWAP_ROUNDS K (P - K)
