@@ -403,6 +403,8 @@ def test_prune_bad_input_is_one_line(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time.", encoding="utf-8")
     assert_one_line_error(run("prune", "--remove", "1", "--calib", short, ok=False), "at least 2")
+    assert_one_line_error(run("prune", "--remove", "1", "--calib", calib, "--chunks", "3", "--held-apart", "3",
+                              ok=False), "--held-apart 3", "none to search on")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert_one_line_error(run("prune", "--remove", "1", "--calib", calib, "--ctx", "64", "--chunks", "3",

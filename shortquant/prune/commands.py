@@ -171,9 +171,11 @@ def calibration_chunks(ids, bos, search_ctx: int, search_chunks: int, held_ctx: 
     """The searched chunks (``search_ctx`` tokens each) from the start of the calibration tokens,
     then the held-apart ones (``held_ctx``) from where they end; with equal lengths, the same
     chunks as ``chunk_tokens(ids, ctx, search_chunks + held)``. Returns (chunks, held count)."""
-    from ..errors import EvalError
+    from ..errors import EvalError, QuantError
     from ..quant.imatrix import chunk_tokens
 
+    if search_chunks < 1:
+        raise QuantError(f"--held-apart {held}: {search_chunks + held} calibration chunk(s) leave none to search on")
     if len(ids) < search_ctx + held_ctx:
         raise EvalError(f"the calibration text has {len(ids)} tokens; at least 2 chunks are needed (one of {search_ctx} "
                         f"to search on, one of {held_ctx} held apart): give a longer text or a smaller --ctx", source)
