@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     from hf_from_gguf import build
     from shortquant.families.hf_model import load_torch_model
-    from shortquant.prune.runner import BlockRunner
+    from shortquant.families.block_runner import BlockRunner
     from shortquant.prune.commands import calibration_chunks
     from shortquant.prune.cost import choose
     from shortquant.prune.search import measure

@@ -85,7 +85,7 @@ SWEEP_CODE = r"""
 import json, sys, time
 import torch
 from shortquant.families.hf_model import load_torch_model
-from shortquant.prune.runner import BlockRunner
+from shortquant.families.block_runner import BlockRunner
 from shortquant.quant.imatrix import chunk_tokens
 from shortquant.system import peak_rss
 from shortquant.tokenizer.encode import encode_text

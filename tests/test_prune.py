@@ -150,7 +150,7 @@ def test_bad_remove_blocks_is_one_line(tmp_path, blocks, fragment):
 def demo_runners(chunks, held_apart, ctx=128):
     """Runners on the demo model: calibration on the first half of the story text, held out the rest."""
     from shortquant.families.hf_model import load_torch_model
-    from shortquant.prune.runner import BlockRunner
+    from shortquant.families.block_runner import BlockRunner
     from shortquant.quant.imatrix import chunk_tokens
     from shortquant.tokenizer.encode import encode_text
 
@@ -279,7 +279,7 @@ class TableRunner:
     """A stand-in runner whose PPL of a removed set is a given function: the search logic alone."""
 
     def __init__(self, n, cost):
-        from shortquant.prune.runner import Split
+        from shortquant.families.block_runner import Split
 
         self.n_blocks, self.cost, self.asked = n, cost, 0
         self.search, self.held = Split("search", (0,)), Split("held-apart", (1,))

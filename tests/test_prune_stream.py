@@ -20,7 +20,7 @@ CALIB = "The old lighthouse keeper climbed the stairs every evening and lit the 
 
 def runners(folder: Path, chunks=3, ctx=24, held_apart=1):
     from shortquant.families.hf_model import load_torch_model
-    from shortquant.prune.runner import BlockRunner
+    from shortquant.families.block_runner import BlockRunner
     from shortquant.quant.imatrix import chunk_tokens
     from shortquant.tokenizer.encode import encode_text
 
@@ -116,7 +116,7 @@ def test_a_missing_block_tensor_is_refused_when_the_streamed_model_is_built(tmp_
 
 
 def test_stream_policy_follows_the_float32_size(tmp_path):
-    from shortquant.prune.runner import stream_blocks
+    from shortquant.families.block_runner import stream_blocks
     from shortquant.source.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(DEMO)

@@ -97,7 +97,7 @@ def prune_command(count, calib, criterion, ctx, chunks, held_apart, pool, taylor
     from ..tokenizer.encode import encode_text
     from .cost import choose
     from .frontier import finish, prepare
-    from .runner import BlockRunner, stream_blocks
+    from ..families.block_runner import BlockRunner, stream_blocks
     from .save_hf import check_target
     from .search import check_count, default_pool, measure
 

@@ -2,7 +2,7 @@
 
 Work is counted in block-token runs: one decoder block's forward pass on one token (a backward
 pass counts two). With n blocks, k to remove, T_s search tokens, T_h held-apart tokens and a pool
-of P blocks, one block-major sweep per measurement (:meth:`~shortquant.prune.runner.BlockRunner.nll_many`):
+of P blocks, one block-major sweep per measurement (:meth:`~shortquant.families.block_runner.BlockRunner.nll_many`):
 
 ==================  ======================================================================
 reference           n (T_s + T_h)

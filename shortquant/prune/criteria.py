@@ -10,12 +10,12 @@
   near one block's weights and activations, never the whole model's gradients; a streamed block
   is read in for its own turn only.
 
-Each function takes a :class:`~shortquant.prune.runner.BlockRunner` and the split to measure on.
+Each function takes a :class:`~shortquant.families.block_runner.BlockRunner` and the split to measure on.
 """
 
 from __future__ import annotations
 
-from .runner import BlockRunner, Split
+from ..families.block_runner import BlockRunner, Split
 
 CRITERIA = ("bi", "ppl", "taylor")
 

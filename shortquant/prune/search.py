@@ -32,7 +32,7 @@ from typing import Sequence
 
 from ..errors import QuantError
 from .criteria import CRITERIA
-from .runner import BlockRunner
+from ..families.block_runner import BlockRunner
 
 TAYLOR_PLUS_KEEP = (4, 2)   # first and last blocks Taylor+ never removes
 SWAP_ROUNDS = 3             # at most this many improving exchanges after greedy

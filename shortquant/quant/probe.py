@@ -2,7 +2,7 @@
 
 A :class:`Prober` runs the checkpoint's torch model (``families.hf_model``, float32 arithmetic)
 on calibration chunks through the block runner ``prune`` uses
-(:class:`~shortquant.prune.runner.BlockRunner`): one reference pass keeps every block's input,
+(:class:`~shortquant.families.block_runner.BlockRunner`): one reference pass keeps every block's input,
 the reference log-probabilities and, on the way, the statistics the error weighting needs (mean
 squared input of every linear layer's columns, token counts).
 
@@ -63,7 +63,7 @@ def probe_from(requested: str, n_params: int, checkpoint=None) -> str:
     if n_params >= STREAM_FROM_PARAMS:
         return "disk"
     if checkpoint is not None:
-        from ..prune.runner import stream_blocks
+        from ..families.block_runner import stream_blocks
 
         return "disk" if stream_blocks(checkpoint) else "memory"
     return "memory"
@@ -94,7 +94,7 @@ class Prober:
                  stream: bool = False):
         import torch
 
-        from ..prune.runner import BlockRunner
+        from ..families.block_runner import BlockRunner
 
         self.torch = torch
         if threads:

@@ -1,5 +1,8 @@
 """The torch model on calibration chunks, with every block's input kept from one reference pass.
 
+Two jobs measure with it: ``prune`` (a candidate is a set of removed blocks) and ``--optimize``'s
+probes and verification (a candidate is a set of changed weights, ``quant/probe.py``).
+
 A set of removed blocks changes nothing before its first block, so its calibration NLL reruns
 only from there: the kept input of that block, then every later block that is not removed, the
 final norm and the output head. Each block also keeps the keyword arguments it was called with
