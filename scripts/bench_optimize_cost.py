@@ -66,8 +66,8 @@ def main() -> None:
     o = results["optimize"]
     print(f"\n{args.blocks} blocks, checkpoint {checkpoint_bytes / 2**30:.2f} GiB; probe from {outcome['probe_from']}; "
           f"optimized: {outcome['optimized']}, {outcome['bytes']:,} of {outcome['budget']:,} bytes")
-    for stage, seconds in outcome["seconds"].items():
-        print(f"  {stage:<22} {seconds:8.1f} s wall   peak RSS at its end {outcome['peak_rss_mb'].get(stage, 0):7d} MB")
+    print("  stages (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in outcome["seconds"].items()))
+    print("  peak RSS at each stage's end (MB): " + ", ".join(f"{k} {v}" for k, v in outcome["peak_rss_mb"].items()))
     print(f"peak RSS {o.peak_rss_mb / 1024:.2f} GiB = {o.peak_rss_mb * 2**20 / checkpoint_bytes:.2f}x the checkpoint")
     if "export" in results:
         e = results["export"]

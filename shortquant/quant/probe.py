@@ -16,8 +16,8 @@ one block's decoded weights at a time.
 
 The model is read one of two ways, with the same numbers (:func:`probe_from`): held in memory
 (small models: fastest), or streamed from the checkpoint a block at a time (the blocks are read
-in float32 while they run, only embedding, final norm and head stay resident), so a 7B model is
-probed in a few GB instead of the 28 GB its float32 weights take. Either way every
+in float32 while they run, only embedding, final norm and head stay resident): a 7B model's run
+peaks at 8 GiB, the writer's kept encodings included, not the 28 GB its float32 weights take. Either way every
 measurement is a handful of sweeps, so streaming adds a few block reads per block.
 
 Example::
