@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ctx", type=int, default=128, help="evaluation context")
     parser.add_argument("--calib-ctx", type=int, default=256)
     parser.add_argument("--probe-chunks", type=int, default=None, help="[2 up to 0.5 B parameters, else 1]")
-    parser.add_argument("--verify-chunks", type=int, default=2)
+    parser.add_argument("--verify-chunks", type=int, default=None, help="[2 up to 0.5 B parameters, else 1]")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--probe-from", default="auto", choices=["auto", "memory", "disk"])
     parser.add_argument("--imatrix-chunks", type=int, default=64, help="calibration chunks for the imatrix")

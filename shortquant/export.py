@@ -213,7 +213,7 @@ def export(source: Path, options: ExportOptions, split_limit: int | None = None)
     check_space(plan, files, options, extra, split_limit)
     measured = {o.file.quant: o.encoded for o in outcomes}   # bytes the optimizer already quantized
     report = write_files(checkpoint, plan, files, options, importance, extra, measured)
-    for outcome in outcomes:   # written: the report need not hold the encodings
+    for outcome in outcomes:   # written: the report need not hold the encodings (nor their temporary file)
         outcome.encoded = {}
     report.skipped = skipped
     report.removed_stale = stale

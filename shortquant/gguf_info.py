@@ -126,7 +126,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     else:
         type_name = max(type_counts, key=type_counts.get) if type_counts else "?"
     if keys.OPTIMIZE_BUDGET in metadata:   # a measured mix: a variant of its file type, named so
-        type_name += "_OPT"
+        type_name += keys.OPT_SUFFIX
     return GGUFFile(parts=parts, metadata=metadata, n_params=n_params, tensor_bytes=tensor_bytes,
                     type=type_name, sizes=[p.stat().st_size for p in parts])
 

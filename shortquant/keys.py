@@ -20,3 +20,5 @@ OPTIMIZE_CALIBRATION = "shortquant.optimize.calibration"    # string: calibratio
 OPTIMIZE_KLD = "shortquant.optimize.kld_calibration"        # float32: measured KLD vs the source model
 OPTIMIZE_KLD_BASE = "shortquant.optimize.kld_calibration_base_mix"  # float32: the same for the base mix
 OPTIMIZE_CHANGES = "shortquant.optimize.changes"            # string[]: "tensor=TYPE" where it differs
+# The type name of a file that records OPTIMIZE_BUDGET: its mix's name and this ("Q4_K_M_OPT")
+OPT_SUFFIX = "_OPT"

@@ -183,3 +183,47 @@ def test_the_search_makes_the_sweeps_the_cost_model_counts(demo_pair):
         # the folded checks give what a check of its own gives
         for c in ("greedy", "swaps", "bi", "ppl", "none"):
             close([choices[c].held_ppl], [rerun_alone(streamed, choices[c].removed, streamed.held)], rel=1e-9)
+
+
+def batching_agrees(folder: Path) -> None:
+    """run_block_many (states stacked into batched calls) against one run_block call per state,
+    on every block, with chunks of two lengths (never stacked together)."""
+    from shortquant.families.block_runner import BlockRunner
+    from shortquant.families.hf_model import load_torch_model
+
+    model = load_torch_model(folder)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (24, 24, 24, 16)]
+    runner = BlockRunner(model, chunks)
+    assert [runner._alike(0, i) for i in range(4)] == [0, 0, 0, 3]
+    with torch.no_grad():
+        for b in range(runner.n_blocks):
+            items = [(i, runner.inputs[b][i] * (1 + 0.1 * k)) for k in range(3) for i in range(4)]
+            many = runner.run_block_many(b, items)
+            for (i, h), got in zip(items, many):
+                assert torch.allclose(got, runner.run_block(b, i, h), rtol=1e-5, atol=1e-6), (b, i)
+            for i in range(4):   # the reference pass's batched inputs are what one call gives
+                want = runner.run_block(b, i, runner.inputs[b][i])
+                assert torch.allclose(runner.inputs[b + 1][i], want, rtol=1e-5, atol=1e-6), (b, i)
+
+
+@pytest.mark.parametrize("case", ["gaps", "qwen2-gaps-tied", "qwen3-gaps-head_dim", "mistral-gaps", "llama3-gaps",
+                                  "decilm", "attention-mlp-dropped"])
+def test_batched_block_calls_give_what_one_call_per_state_gives(tmp_path, case):
+    CASES[case](tmp_path / case)
+    batching_agrees(tmp_path / case)
+
+
+@pytest.mark.parametrize("family", ["nemotron", "qwen3moe", "mixtral"])
+def test_batched_block_calls_agree_for_nemotron_and_mixtures_of_experts(tmp_path, family):
+    from families import build_family_model
+    from moe_models import build_moe_model, save_layout
+
+    if family == "nemotron":
+        build_family_model("nemotron", 300, layers=2).save_pretrained(tmp_path)
+    else:
+        save_layout(build_moe_model(family, 300, layers=2, hidden_size=64, intermediate_size=64,
+                                    **({"moe_intermediate_size": 64, "head_dim": 16} if family == "qwen3moe" else {})),
+                    tmp_path, "fused")
+    batching_agrees(tmp_path)

@@ -98,6 +98,11 @@ def test_optimize_q4_k_m(tiny, texts, tmp_path, monkeypatch):
         assert info["optimize"]["budget_bytes"] == standard.stat().st_size
         text = CliRunner().invoke(main, ["inspect", str(written.path)]).stdout
         assert "optimized mix: budget" in text and f"{len(info['optimize']['changes'])} tensors differ" in text
+        # eval names it as inspect does, so report and the card draw it as a series of its own
+        evaluated = CliRunner().invoke(main, ["eval", str(written.path), "--ctx", "64", "--chunks", "1", "--json",
+                                              "--quiet"])
+        assert evaluated.exit_code == 0, evaluated.output
+        assert json.loads(evaluated.stdout)["files"][0]["type"] == "Q4_K_M_OPT"
     else:   # the fallback is the standard file, byte for byte
         assert written.path.read_bytes() == standard.read_bytes()
         assert "wrote the standard" in " ".join(outcome.notes)
@@ -547,3 +552,23 @@ def test_big_models_probe_half_the_kinds_in_sample_blocks(tmp_path, small_tokeni
         probed_in = {block_of(n) for n in names if tensor_role(n) == kind and _probed(n, split)}
         assert len(probed_in) >= 3 and always <= probed_in
     assert sum(_probed(n, split) for n in names) < sum(_probed(n, whole) for n in names)
+
+
+def test_big_model_defaults_fill_only_what_is_unset():
+    from types import SimpleNamespace
+
+    from shortquant.quant.optimize import SAMPLE_VALUES, OptimizeSettings, _sample_rows, big_model_defaults
+
+    def picked(s):
+        return s.probe_chunks, s.probe_ctx, s.split_kinds, s.verify_chunks, s.sample_values
+
+    assert picked(big_model_defaults(OptimizeSettings(calib=Path("c")), 135_000_000)) == (2, 256, False, 2, SAMPLE_VALUES)
+    assert picked(big_model_defaults(OptimizeSettings(calib=Path("c")), 7_000_000_000)) == (
+        1, 128, True, 1, SAMPLE_VALUES // 2)
+    mine = OptimizeSettings(calib=Path("c"), probe_chunks=3, probe_ctx=64, split_kinds=False, verify_chunks=2,
+                            sample_values=4096)
+    assert picked(big_model_defaults(mine, 7_000_000_000)) == (3, 64, False, 2, 4096)
+    # a 7B attention tensor on the big-model sample: 128 evenly spaced rows of 4096
+    rows = _sample_rows(SimpleNamespace(n_elements=4096 * 4096, shape=(4096, 4096)), SAMPLE_VALUES // 2)
+    assert len(rows) == 128 and set(np.diff(rows)) == {32}
+    assert _sample_rows(SimpleNamespace(n_elements=64 * 64, shape=(64, 64)), SAMPLE_VALUES // 2) is None

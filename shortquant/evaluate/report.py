@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shortquant import keys
 from shortquant.errors import EvalError
 
 X_AXES = {"bpw": ("bits per weight", lambda f: f.get("bpw")),
@@ -120,7 +121,7 @@ OPTIMIZED_STYLE = {"tab:blue": ("tab:green", "D"), "tab:orange": ("tab:red", "D"
 
 def _split_optimized(name: str, files: list[dict], color: str, marker: str) -> list[tuple]:
     """One series as two when it holds optimized files: llama.cpp's mixes, and the _OPT files."""
-    optimized = [f for f in files if str(f.get("type", "")).endswith("_OPT")]
+    optimized = [f for f in files if str(f.get("type", "")).endswith(keys.OPT_SUFFIX)]
     if not optimized:
         return [(name, files, color, marker)]
     standard = [f for f in files if f not in optimized]

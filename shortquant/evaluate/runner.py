@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gguf
 
+from shortquant import keys
 from shortquant.evaluate import llama_backend
 from shortquant.evaluate.kld import KldStats, compare_chunk, ensure_base
 from shortquant.evaluate.perplexity import (DEFAULT_BATCH, DEFAULT_TEXT, NllStats, chunk_logits, open_for_eval,
@@ -26,17 +27,18 @@ _GUESSED = 1024  # llama_ftype flag: type guessed from the tensors, not read fro
 
 
 def type_name(model) -> str:
-    """'Q4_K_M', 'F16', ... from general.file_type (or llama.cpp's guess when absent)."""
+    """'Q4_K_M', 'F16', ... from general.file_type (or llama.cpp's guess when absent); an
+    optimized mix (``export --optimize`` records its budget) is 'Q4_K_M_OPT', as
+    ``gguf_info`` names it, so ``report`` and the card draw it as a series of its own."""
     value = model.meta(gguf.Keys.General.FILE_TYPE)
     number = int(value) if value and value.lstrip("-").isdigit() else model.file_type() & ~_GUESSED
     try:
         name = gguf.LlamaFileType(number).name
     except ValueError:
-        return f"ftype{number}"
+        name = f"ftype{number}"
     for prefix in ("MOSTLY_", "ALL_"):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+        name = name.removeprefix(prefix)
+    return name + keys.OPT_SUFFIX if model.meta(keys.OPTIMIZE_BUDGET) is not None else name
 
 
 def file_info(model, path: Path) -> dict:

@@ -76,7 +76,7 @@ RECOMMEND_MIN_TOP1 = 0.90
 
 def type_note(type_name: str) -> str:
     """The "Use" text of a file type; a type newer than this table still gets a true sentence."""
-    if type_name.endswith("_OPT"):
+    if type_name.endswith(keys.OPT_SUFFIX):
         return (f"a measured variant of {type_name[:-4]}: each tensor's type chosen by measuring this model, "
                 "within a byte budget (shortquant export --optimize)")
     return TYPE_NOTES.get(type_name) or f"llama.cpp type {type_name}; see the measured columns"
@@ -84,7 +84,7 @@ def type_note(type_name: str) -> str:
 
 def _versus_base_mix(model, models, measured: dict[str, dict]) -> str:
     """For a measured _OPT file whose standard mix is measured too: how its KLD compares."""
-    if not model.type.endswith("_OPT"):
+    if not model.type.endswith(keys.OPT_SUFFIX):
         return ""
     base = next((m for m in models if m.type == model.type[:-4]), None)
     ours = (measured.get(model.name) or {}).get("kld")

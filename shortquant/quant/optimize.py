@@ -44,6 +44,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType
 
 from .. import keys
+from ..keys import OPT_SUFFIX
 from ..errors import QuantError
 from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan
 from .mixes import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, OUTPUT, TOKEN_EMBD,
@@ -54,11 +55,11 @@ from .types import QuantSpec, is_quantized, parse_quant
 
 # Standard mixes a --target-bpw / --target-size file is compared with (the largest that fits).
 REFERENCE_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0")
-OPT_SUFFIX = "_OPT"
 # Tensor kinds ``--optimize-keep`` can hold at the standard mix's type.
 KEEP_KINDS = (TOKEN_EMBD, OUTPUT, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT, FFN_GATE, FFN_UP, FFN_DOWN)
 # Tensors larger than this many values are measured on evenly spaced rows (rows quantize
-# independently, so the sum over a row sample, scaled, estimates the whole).
+# independently, so the sum over a row sample, scaled, estimates the whole); half as many
+# beyond BIG_PARAMS (big_model_defaults): 128 rows of a 4096-wide tensor.
 SAMPLE_VALUES = 1 << 20
 
 
@@ -67,7 +68,8 @@ class OptimizeSettings:
     calib: Path
     ctx: int = 256
     probe_chunks: int | None = None   # calibration chunks the probes measure KLD on [by model size]
-    verify_chunks: int = 2       # further chunks the verification measures on
+    verify_chunks: int | None = None   # further chunks the verification measures on [by model size]
+    sample_values: int | None = None   # values a tensor's errors are measured on [by model size]
     max_probe_blocks: int = 8    # blocks probed tensor by tensor (cut neighbours first)
     split_kinds: bool | None = None   # sampled blocks probe half the kinds each [by model size]
     probe_ctx: int | None = None   # tokens of each probe chunk [by model size: big_model_defaults]
@@ -96,7 +98,7 @@ class OptimizeRequest:
     target_size: int | None = None
     ctx: int = 256
     probe_chunks: int | None = None
-    verify_chunks: int = 2
+    verify_chunks: int | None = None
     max_probe_blocks: int = 8
     probe_from: str = "auto"
     keep: tuple[str, ...] = ()
@@ -166,7 +168,7 @@ class Outcome:
     predicted: float = 0.0
     bytes: int = 0
     notes: list[str] = field(default_factory=list)
-    encoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # for the writer
+    encoded: dict = field(default_factory=dict, repr=False)   # for the writer: name -> StoredRows
     seconds: dict[str, float] = field(default_factory=dict)   # the whole run's, by stage
     peak_rss: dict[str, int] = field(default_factory=dict)    # process peak RSS (bytes) at each stage's end
     probe_from: str = ""   # where the probed model's blocks were: "memory" or "disk"
@@ -401,6 +403,7 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
             fixed[t.name] = fixed_plan.tensor_types[t.name]
     seconds = {"errors": 0.0, "probes": 0.0}
     probed: list[tuple[TensorPlan, T]] = []
+    limit = settings.sample_values or SAMPLE_VALUES
     for t in tqdm(quantizable, desc="measure types", unit="tensor", disable=settings.quiet, leave=False):
         tick = time.perf_counter()
         role = tensor_role(t.name)
@@ -409,10 +412,11 @@ def measure(checkpoint, plan: ModelPlan, prober, importance: dict, settings: Opt
                                 embedding_or_output=special)
         data = load_piece(checkpoint, Piece(t, 0, t.shape[0]))
         if role == TOKEN_EMBD:   # a row matters as often as its token occurs
-            rows, row_w, scale = _sample_token_rows(prober.token_counts[: t.shape[0]], t.shape[-1])
+            rows, row_w, scale = _sample_token_rows(prober.token_counts[: t.shape[0]], t.shape[-1], limit)
             col_w = None
         else:
-            rows, row_w, col_w = _sample_rows(t), None, _columns(prober.column_weights(t.source), t.shape[-1])
+            rows, row_w = _sample_rows(t, limit), None
+            col_w = _columns(prober.column_weights(t.source), t.shape[-1])
             scale = 1.0 if rows is None else t.shape[0] / len(rows)
         sample = data if rows is None else data[rows]
         errs = tensor_errors(sample, cands, importance.get(t.name), col_w, row_w, settings.threads)
@@ -470,21 +474,21 @@ def _columns(weights: np.ndarray | None, width: int) -> np.ndarray | None:
     return np.concatenate([weights, np.zeros(width - len(weights), dtype=weights.dtype)])
 
 
-def _sample_rows(t: TensorPlan) -> np.ndarray | None:
-    if t.n_elements <= SAMPLE_VALUES:
+def _sample_rows(t: TensorPlan, limit: int) -> np.ndarray | None:
+    if t.n_elements <= limit:
         return None
-    step = -(-t.n_elements // SAMPLE_VALUES)
+    step = -(-t.n_elements // limit)
     return np.arange(0, t.shape[0], step)
 
 
-def _sample_token_rows(counts: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _sample_token_rows(counts: np.ndarray, cols: int, limit: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Embedding rows to measure (tokens the calibration text has; rows of tokens it lacks weigh
     nothing), their weights (token frequencies) and the factor that scales their error to all."""
     if not counts.any():
         counts = np.ones_like(counts)
     seen = np.flatnonzero(counts)
     total = counts.sum()
-    rows = seen if len(seen) * cols <= SAMPLE_VALUES else seen[:: -(-len(seen) * cols // SAMPLE_VALUES)]
+    rows = seen if len(seen) * cols <= limit else seen[:: -(-len(seen) * cols // limit)]
     return rows, counts[rows] / total, float(total / counts[rows].sum())
 
 
@@ -652,18 +656,18 @@ class MixVerifier:
     decoded once).
 
     The encodings of the mixes to be written (``keep``: those of the optimized mixes; a
-    standard mix is only written when it measures better, and then quantized again) are kept,
-    up to ``keep_bytes``, for the writer: the file written is then made of the very bytes that
-    were measured, and nothing is quantized twice.
+    standard mix is only written when it measures better, and then quantized again) go to
+    ``store`` (:class:`~shortquant.quant.encoding_store.EncodingStore`, on disk) for the writer:
+    the file written is then made of the very bytes that were measured, and nothing is
+    quantized twice. What does not fit the store is quantized again by the writer.
     """
 
     def __init__(self, checkpoint, plan: ModelPlan, prober, importance: dict, threads: int | None,
-                 keep_bytes: int = 0, keep: Sequence[dict[str, T]] = ()):
+                 store=None, keep: Sequence[dict[str, T]] = ()):
         self.checkpoint, self.plan, self.prober = checkpoint, plan, prober
         self.importance, self.threads = importance, threads
-        self.keep_bytes = keep_bytes
+        self.store = store
         self.keep = {(name, q) for types in keep for name, q in types.items()}
-        self.encoded: dict[tuple[str, T], np.ndarray] = {}
 
     def measure_many(self, mixes: Sequence[dict[str, T]], which: slice, progress=None) -> list[float]:
         """Calibration KLD of the model with every tensor decoded from each mix's types."""
@@ -676,20 +680,19 @@ class MixVerifier:
         return self.prober.kld_many(variants, which, progress)
 
     def _encode(self, t: TensorPlan, qtype: T) -> np.ndarray:
-        encoded = self.encoded.get((t.name, qtype))
-        if encoded is None:
-            encoded = encode_tensor(self.checkpoint, t, qtype, self.importance.get(t.name), self.threads)
-            if (t.name, qtype) in self.keep and encoded.nbytes <= self.keep_bytes:
-                self.encoded[(t.name, qtype)] = encoded
-                self.keep_bytes -= encoded.nbytes
+        stored = self.store.rows((t.name, qtype)) if self.store is not None else None
+        if stored is not None:
+            return stored.read()
+        encoded = encode_tensor(self.checkpoint, t, qtype, self.importance.get(t.name), self.threads)
+        if self.store is not None and (t.name, qtype) in self.keep:
+            self.store.put((t.name, qtype), encoded)
         return encoded
 
-    def encodings(self, types: dict[str, T]) -> dict[str, np.ndarray]:
-        """The kept encodings of a mix's tensors (tensor name -> rows of bytes)."""
-        return {name: self.encoded[(name, q)] for name, q in types.items() if (name, q) in self.encoded}
-
-    def close(self) -> None:
-        self.encoded.clear()   # what the writer needs stays with the outcomes
+    def encodings(self, types: dict[str, T]) -> dict:
+        """The stored encodings of a mix's tensors (tensor name -> rows, read back when sliced)."""
+        if self.store is None:
+            return {}
+        return {name: rows for name, q in types.items() if (rows := self.store.rows((name, q))) is not None}
 
 
 def standard_types(plan: ModelPlan, targets: Sequence[Target], out_dir: Path, overrides,
@@ -705,12 +708,13 @@ def standard_types(plan: ModelPlan, targets: Sequence[Target], out_dir: Path, ov
     return out
 
 
-def cache_budget() -> int:
-    """Bytes of encodings worth keeping for the writer: a quarter of the free memory, at most 4 GiB."""
-    from ..system import available_memory
+def store_capacity(out_dir: Path, targets: Sequence[Target]) -> int:
+    """Bytes of encodings worth keeping on disk for the writer: the free space of ``out_dir`` less
+    what the files themselves will take (the targets' budgets) and a margin."""
+    import shutil
 
-    free = available_memory()
-    return min(4 << 30, free // 4) if free else 1 << 30
+    free = shutil.disk_usage(out_dir).free
+    return max(0, free - sum(t.budget for t in targets) - (256 << 20))
 
 
 # From this many parameters probing is the optimizer's largest cost beside quantizing: each probe
@@ -720,17 +724,21 @@ BIG_PARAMS = 500_000_000
 
 
 def big_model_defaults(settings: OptimizeSettings, n_params: int) -> OptimizeSettings:
-    """The settings left unset, by model size: up to BIG_PARAMS parameters two probe chunks of
-    the whole ``ctx``, every kind probed in every probed block; beyond, one probe chunk of half
-    ``ctx`` and the sample blocks probing half the kinds each (:func:`probe_plan`). On the demo one
-    chunk instead of two cost a few points of the gain; on a LLaMA-7B-shaped model the three
-    together cut probing to about a sixth."""
+    """The settings left unset, by model size. Up to BIG_PARAMS parameters: two probe chunks of
+    the whole ``ctx``, every kind probed in every probed block, two verification chunks, errors
+    measured on SAMPLE_VALUES values a tensor. Beyond: one probe chunk of half ``ctx``, the sample
+    blocks probing half the kinds each (:func:`probe_plan`), one verification chunk and half the
+    values. On the demo one probe chunk instead of two cost a few points of the gain; on a
+    LLaMA-7B-shaped model the probe cuts together take probing to about a sixth, and the last
+    two take a tenth off the run (quantizing both mixes whole is most of what is left)."""
     big = n_params > BIG_PARAMS
     return dataclasses.replace(
         settings,
         probe_chunks=settings.probe_chunks if settings.probe_chunks is not None else (1 if big else 2),
         probe_ctx=settings.probe_ctx or (max(16, settings.ctx // 2) if big else settings.ctx),
-        split_kinds=settings.split_kinds if settings.split_kinds is not None else big)
+        split_kinds=settings.split_kinds if settings.split_kinds is not None else big,
+        verify_chunks=settings.verify_chunks if settings.verify_chunks is not None else (1 if big else 2),
+        sample_values=settings.sample_values or (SAMPLE_VALUES // 2 if big else SAMPLE_VALUES))
 
 
 def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targets: Sequence[Target],
@@ -744,6 +752,7 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
     from ..system import peak_rss
     from tqdm import tqdm
 
+    from .encoding_store import EncodingStore
     from .probe import Prober, probe_from
 
     for target in targets:   # before any measuring: a budget nothing can meet is an error at once
@@ -787,7 +796,8 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
         for types in ([target.reference.tensor_types] if target.reference is not None else []) + [fp.tensor_types]:
             if types not in mixes:
                 mixes.append(types)
-    verifier = MixVerifier(checkpoint, plan, prober, importance, settings.threads, cache_budget(),
+    store = EncodingStore(out_dir, store_capacity(out_dir, targets))
+    verifier = MixVerifier(checkpoint, plan, prober, importance, settings.threads, store,
                            keep=[fp.tensor_types for fp, _ in solved])
     outcomes = []
     replaced: dict[str, FilePlan] = {}
@@ -823,8 +833,9 @@ def optimize_files(checkpoint, plan: ModelPlan, files: Sequence[FilePlan], targe
                 replaced[ref.quant] = outcome.file
             else:
                 added.append(outcome.file)
-    finally:
-        verifier.close()
+    except BaseException:
+        store.close()   # the writer will not come: give the disk space back now
+        raise
     seconds["solve and verify"] = time.perf_counter() - started
     peaks["solve and verify"] = peak_rss()
     for outcome in outcomes:
