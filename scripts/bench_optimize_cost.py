@@ -11,6 +11,7 @@ No imatrix on either side (the same inputs; an imatrix changes the candidate typ
     nice python scripts/bench_optimize_cost.py --blocks 8 --calib calib20k.txt
     nice python scripts/bench_optimize_cost.py --blocks 32 --calib calib20k.txt --out-dir /tmp/b32
     nice python scripts/bench_optimize_cost.py --blocks 8 --calib calib20k.txt -- --probe-from memory
+    nice python scripts/bench_optimize_cost.py --blocks 8 --calib calib20k.txt -- -q q3_k_m   # a ladder of two
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def main() -> None:
     text = log.read_text(errors="replace")
     doc = json.loads(text[text.rindex("\n{\n") + 1:])
     (args.out_dir / "optimize.json").write_text(json.dumps(doc, indent=2))
-    (outcome,) = doc["optimized"]
+    outcome = doc["optimized"][0]   # a ladder's targets share one run's stages and peaks
     o = results["optimize"]
-    print(f"\n{args.blocks} blocks, checkpoint {checkpoint_bytes / 2**30:.2f} GiB; probe from {outcome['probe_from']}; "
-          f"optimized: {outcome['optimized']}, {outcome['bytes']:,} of {outcome['budget']:,} bytes")
+    print(f"\n{args.blocks} blocks, checkpoint {checkpoint_bytes / 2**30:.2f} GiB; probe from {outcome['probe_from']}")
+    for each in doc["optimized"]:
+        print(f"  {each['target']}: optimized {each['optimized']}, {each['bytes']:,} of {each['budget']:,} bytes")
     print("  stages (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in outcome["seconds"].items()))
     print("  peak RSS at each stage's end (MB): " + ", ".join(f"{k} {v}" for k, v in outcome["peak_rss_mb"].items()))
     print(f"peak RSS {o.peak_rss_mb / 1024:.2f} GiB = {o.peak_rss_mb * 2**20 / checkpoint_bytes:.2f}x the checkpoint")
