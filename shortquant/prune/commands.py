@@ -42,7 +42,7 @@ HOW = {"swaps": "greedy search on calibration PPL refined by exchanges, checked 
                    "[default: a quarter of the chunks].")
 @click.option("--pool", type=click.IntRange(min=1), default=None, metavar="N",
               help="The greedy search and its exchanges choose among the N blocks cheapest by one-shot "
-                   "PPL [default: 2K, at least K+4, at most every block; K + K/2 on a big deep model].")
+                   "PPL [default: 2K, at least K+4, at most every block; K + K/4 (at least K+2) on a big deep model].")
 @click.option("--taylor/--no-taylor", default=None,
               help="Score Taylor+ too (a backward pass; only a table column unless --criterion taylor) "
                    "[default: yes, no on a big deep model].")
