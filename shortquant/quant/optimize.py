@@ -44,7 +44,6 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType
 
 from .. import keys
-from ..keys import OPT_SUFFIX
 from ..errors import QuantError
 from ..plan import FilePlan, MetaItem, ModelPlan, TensorPlan
 from .mixes import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, OUTPUT, TOKEN_EMBD,
@@ -266,7 +265,7 @@ def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, 
             spec = parse_quant(f.quant)
             if not is_quantized(spec.default_type):
                 continue
-            label = spec.label + OPT_SUFFIX
+            label = spec.label + keys.OPT_SUFFIX
             targets.append(Target(f"{spec.name}-opt", label, file_bytes(plan, f, base=base), f, spec))
     bpws = () if target_bpw is None else (target_bpw,) if isinstance(target_bpw, (int, float)) else target_bpw
     for value, what in [*((v, "bpw") for v in bpws), (target_size, "size")]:
@@ -276,10 +275,10 @@ def make_targets(plan: ModelPlan, files: Sequence[FilePlan], *, optimize: bool, 
             if not 0 < value <= 32:
                 raise QuantError(f"--target-bpw must be between 0 and 32 bits per weight, got {value}")
             budget = int(math.floor(value * plan.n_params / 8))
-            label = f"BPW{value:.2f}".replace(".", "_") + OPT_SUFFIX
+            label = f"BPW{value:.2f}".replace(".", "_") + keys.OPT_SUFFIX
         else:
             budget = int(value)
-            label = f"SIZE{_size_label(budget)}{OPT_SUFFIX}"
+            label = f"SIZE{_size_label(budget)}{keys.OPT_SUFFIX}"
         reference = None
         for name in REFERENCE_MIXES:
             fp = plan_file(plan, name, out_dir, overrides, has_imatrix)
@@ -680,9 +679,7 @@ class MixVerifier:
         return self.prober.kld_many(variants, which, progress)
 
     def _encode(self, t: TensorPlan, qtype: T) -> np.ndarray:
-        stored = self.store.rows((t.name, qtype)) if self.store is not None else None
-        if stored is not None:
-            return stored.read()
+        # called once per (tensor, type): the sweep shares a decoded tensor between the mixes
         encoded = encode_tensor(self.checkpoint, t, qtype, self.importance.get(t.name), self.threads)
         if self.store is not None and (t.name, qtype) in self.keep:
             self.store.put((t.name, qtype), encoded)
